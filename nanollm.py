@@ -1,0 +1,1049 @@
+"""
+nanollm: a single-file LLM inference engine for Qwen3, written to be read top to bottom.
+
+What it does, in the order a request travels through this file:
+  config.json -> a Qwen3 model built from tensor-parallel linear layers -> a paged KV cache read by
+  attention (Triton kernels on the GPU, each beside the plain-torch reference it is tested against)
+  -> a block manager that shares cached prompt prefixes by hashing blocks -> a scheduler doing
+  continuous batching, chunked prefill and preemption -> a model runner that replays CUDA graphs for
+  decode -> the LLM API (generate, or the step-level add_request/step loop) -> main().
+
+What it leaves out on purpose: other architectures, quantisation, LoRA, speculative decoding, beam
+search, an HTTP server. It needs no flash-attn build, and it runs on a CPU for learning and tests.
+
+Run it:
+  python nanollm.py                                   # no weights? builds a tiny random demo model
+  python nanollm.py --model DIR --prompt "Hello" --max-tokens 64
+  python nanollm.py --model DIR --chat                # chat template applied
+  python nanollm.py --model DIR --tensor-parallel-size 2          # 2 GPUs (or 2 CPU processes)
+  torchrun --nproc-per-node 4 nanollm.py --model DIR --tensor-parallel-size 2   # TP=2 x DP=2
+Use it:
+  from nanollm import LLM, SamplingParams
+  llm = LLM("Qwen3-0.6B")
+  outs = llm.generate(["Hello"], SamplingParams(temperature=0.6, max_tokens=32))
+  print(outs[0]["text"])
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, fields
+
+# On a CPU, torch's OpenMP threads spin while MKL's work and vice versa; with both busy-waiting on two
+# cores a tiny softmax takes milliseconds. Passive waiting fixes that (only if torch is not yet imported).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+try:  # Triton is needed on the GPU path only; the CPU path is plain torch
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+
+# -----------------------------------------------------------------------------
+# Config: the checkpoint's config.json and the engine's knobs
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position: int
+    tie_word_embeddings: bool
+    dtype: torch.dtype
+    eos_token_ids: tuple
+
+    @classmethod
+    def from_dir(cls, path):
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"model directory not found: {path!r}")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"no config.json in model directory {path!r}")
+        with open(os.path.join(path, "config.json")) as f:
+            c = json.load(f)
+        arch = (c.get("architectures") or ["<none>"])[0]
+        if arch != "Qwen3ForCausalLM":
+            raise ValueError(f"unsupported architecture {arch!r}: nanollm runs Qwen3ForCausalLM only")
+        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}  # transformers 5 moved rope_theta here
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"unsupported rope scaling {rope!r}: only plain RoPE is implemented")
+        if c.get("attention_bias") or c.get("use_sliding_window"):
+            raise ValueError("unsupported Qwen3 variant: attention_bias and sliding windows are not implemented")
+        eos = []  # generation_config.json's eos ids win over config.json's
+        for name in ("config.json", "generation_config.json"):
+            p = os.path.join(path, name)
+            if os.path.isfile(p):
+                with open(p) as f:
+                    e = json.load(f).get("eos_token_id")
+                if e is not None:
+                    eos = e if isinstance(e, list) else [e]
+        return cls(
+            vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
+            num_layers=c["num_hidden_layers"], num_heads=c["num_attention_heads"],
+            num_kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]),
+            head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
+            rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)),
+            max_position=c.get("max_position_embeddings", 40960),
+            tie_word_embeddings=c.get("tie_word_embeddings", False),
+            dtype=getattr(torch, c.get("dtype") or c.get("torch_dtype") or "bfloat16"),
+            eos_token_ids=tuple(eos))
+
+
+@dataclass
+class Config:
+    model: str
+    tensor_parallel_size: int = 1
+    dtype: str = "auto"                 # "auto": the checkpoint's dtype on GPU, float32 on CPU
+    max_model_len: int = 4096           # prompt + generated tokens of one sequence
+    max_num_seqs: int = 512             # sequences in one batch
+    max_num_batched_tokens: int = 16384 # tokens in one forward pass (longer prompts are chunked)
+    gpu_memory_utilization: float = 0.9
+    kvcache_block_size: int = 256
+    num_kvcache_blocks: int | None = None  # None: sized from free memory
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False         # True: no CUDA graphs
+    device: str | None = None           # None: cuda if present, else cpu
+
+    def __post_init__(self):
+        def check(ok, msg):
+            if not ok:
+                raise ValueError(msg)
+        check(self.tensor_parallel_size >= 1, f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        check(self.dtype in ("auto", "float32", "float16", "bfloat16"),
+              f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+        check(self.max_model_len >= 2, f"max_model_len must be >= 2, got {self.max_model_len}")
+        check(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        check(self.max_num_batched_tokens >= 1, f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        check(0 < self.gpu_memory_utilization <= 1, f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        bs = self.kvcache_block_size
+        check(bs >= 16 and bs & (bs - 1) == 0, f"kvcache_block_size must be a power of two >= 16, got {bs}")
+        check(self.num_kvcache_blocks is None or self.num_kvcache_blocks >= 1,
+              f"num_kvcache_blocks must be >= 1, got {self.num_kvcache_blocks}")
+        self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.hf = ModelConfig.from_dir(self.model)
+        self.max_model_len = min(self.max_model_len, self.hf.max_position)
+        if self.dtype == "auto":
+            self.torch_dtype = self.hf.dtype if self.device != "cpu" else torch.float32
+        else:
+            self.torch_dtype = getattr(torch, self.dtype)
+        tp = self.tensor_parallel_size
+        check(self.hf.num_heads % tp == 0 and self.hf.num_kv_heads % tp == 0,
+              f"tensor_parallel_size {tp} must divide the heads ({self.hf.num_heads} query, {self.hf.num_kv_heads} KV)")
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0            # 0: greedy
+    top_p: float = 1.0
+    top_k: int = -1                     # -1: all tokens
+    max_tokens: int = 64
+    ignore_eos: bool = False
+    stop_token_ids: list | None = None
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (self.top_k == -1 or self.top_k >= 1):
+            raise ValueError(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
+        if not self.max_tokens >= 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        self.stop_token_ids = list(self.stop_token_ids or [])
+
+
+# -----------------------------------------------------------------------------
+# Model: tensor-parallel linear layers, then Qwen3 built from them
+# Each layer holds this rank's shard and knows how to cut its shard out of a full checkpoint tensor
+# (`weight_loader`). With one rank the shard is the whole tensor.
+
+@dataclass
+class Parallel:
+    rank: int = 0           # this process's index in its tensor-parallel group
+    size: int = 1
+    group: object = None    # the torch.distributed group; None when size == 1
+
+
+class ColumnParallelLinear(nn.Module):
+    # y = x @ W.T with W's output rows split over ranks: each rank computes its slice of y
+    def __init__(self, in_features, out_features, tp):
+        super().__init__()
+        self.tp = tp
+        self.weight = nn.Parameter(torch.empty(out_features // tp.size, in_features), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param, loaded):
+        rows = param.shape[0]
+        param.data.copy_(loaded.narrow(0, self.tp.rank * rows, rows))
+
+    def forward(self, x):
+        return F.linear(x, self.weight)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    # gate_proj and up_proj stacked in one matmul: rows [gate shard | up shard]
+    def __init__(self, in_features, out_features, tp):
+        super().__init__(in_features, 2 * out_features, tp)
+
+    def weight_loader(self, param, loaded, shard_id):
+        rows = param.shape[0] // 2
+        param.data[shard_id * rows:(shard_id + 1) * rows].copy_(loaded.narrow(0, self.tp.rank * rows, rows))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    # q, k and v projections in one matmul; each rank holds its query heads and their KV heads
+    def __init__(self, hidden_size, head_dim, num_heads, num_kv_heads, tp):
+        super().__init__(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, tp)
+        self.q_rows = num_heads // tp.size * head_dim
+        self.kv_rows = num_kv_heads // tp.size * head_dim
+
+    def weight_loader(self, param, loaded, shard_id):
+        start, rows = {"q": (0, self.q_rows), "k": (self.q_rows, self.kv_rows),
+                       "v": (self.q_rows + self.kv_rows, self.kv_rows)}[shard_id]
+        param.data[start:start + rows].copy_(loaded.narrow(0, self.tp.rank * rows, rows))
+
+
+class RowParallelLinear(nn.Module):
+    # y = x @ W.T with W's input columns split: each rank has a partial sum, all-reduced here
+    def __init__(self, in_features, out_features, tp):
+        super().__init__()
+        self.tp = tp
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // tp.size), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param, loaded):
+        cols = param.shape[1]
+        param.data.copy_(loaded.narrow(1, self.tp.rank * cols, cols))
+
+    def forward(self, x):
+        y = F.linear(x, self.weight)
+        if self.tp.size > 1:
+            dist.all_reduce(y, group=self.tp.group)
+        return y
+
+
+class VocabParallelEmbedding(nn.Module):
+    # each rank holds a contiguous slice of the vocabulary (padded to a multiple of the TP size)
+    def __init__(self, vocab_size, hidden_size, tp):
+        super().__init__()
+        self.tp = tp
+        self.vocab_size = vocab_size
+        self.rows = -(-vocab_size // tp.size)
+        self.start = tp.rank * self.rows
+        self.weight = nn.Parameter(torch.zeros(self.rows, hidden_size), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param, loaded):
+        part = loaded[self.start:self.start + self.rows]
+        param.data[:part.shape[0]].copy_(part)
+
+    def forward(self, ids):
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        mine = (local >= 0) & (local < self.rows)
+        y = F.embedding(local.clamp(0, self.rows - 1), self.weight) * mine.unsqueeze(-1)
+        dist.all_reduce(y, group=self.tp.group)  # exactly one rank contributes each token's row
+        return y
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    def forward(self, x):  # (B, hidden) -> (B, vocab) logits on the group's first rank, None elsewhere
+        logits = F.linear(x, self.weight)
+        if self.tp.size > 1:
+            first = dist.get_global_rank(self.tp.group, 0)
+            parts = [torch.empty_like(logits) for _ in range(self.tp.size)] if self.tp.rank == 0 else None
+            dist.gather(logits, parts, dst=first, group=self.tp.group)
+            logits = torch.cat(parts, -1) if self.tp.rank == 0 else None
+        return logits[:, :self.vocab_size] if logits is not None else None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+
+    def forward(self, x):  # normalise in fp32 like the reference, scale in the model's dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    # rotate-half RoPE; cos/sin for every position are computed once in fp32
+    def __init__(self, head_dim, max_position, theta):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)
+        freqs = torch.outer(torch.arange(max_position, dtype=torch.float), inv_freq)
+        self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], -1), persistent=False)
+
+    def forward(self, positions, x):  # x: (N, heads, head_dim)
+        cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, -1)  # (N, 1, head_dim/2) each
+        x1, x2 = x.float().chunk(2, -1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
+
+
+class Qwen3Attention(nn.Module):
+    def __init__(self, cfg, tp):
+        super().__init__()
+        self.num_heads = cfg.num_heads // tp.size
+        self.num_kv_heads = cfg.num_kv_heads // tp.size
+        self.head_dim = cfg.head_dim
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, tp)
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, tp)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)  # Qwen3 normalises each head's q and k
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim)
+
+    def forward(self, positions, x, rope, meta):
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], -1)
+        q = rope(positions, self.q_norm(q.view(-1, self.num_heads, self.head_dim)))
+        k = rope(positions, self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim)))
+        o = self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim), meta)  # (N, heads, head_dim)
+        return self.o_proj(o.flatten(1))
+
+
+class Qwen3MLP(nn.Module):
+    def __init__(self, cfg, tp):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, tp)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, tp)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, -1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Qwen3DecoderLayer(nn.Module):
+    def __init__(self, cfg, tp):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Qwen3Attention(cfg, tp)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = Qwen3MLP(cfg, tp)
+
+    def forward(self, positions, h, rope, meta):
+        h = h + self.self_attn(positions, self.input_layernorm(h), rope, meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Qwen3Model(nn.Module):
+    def __init__(self, cfg, tp):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg, tp) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta)
+
+    def forward(self, input_ids, positions, meta):
+        h = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            h = layer(positions, h, self.rotary_emb, meta)
+        return self.norm(h)
+
+
+class Qwen3ForCausalLM(nn.Module):
+    # attribute paths equal checkpoint keys: model.layers.3.self_attn.q_proj.weight loads into
+    # model.layers.3.self_attn.qkv_proj.weight through the packed map below
+    packed = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+              "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+    def __init__(self, cfg, tp):
+        super().__init__()
+        self.model = Qwen3Model(cfg, tp)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids, positions, meta):
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden):
+        return self.lm_head(hidden)
+
+    def load_weights(self, path, tied):
+        from safetensors import safe_open
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors files in {path!r} (pickled .bin checkpoints are not loaded)")
+        missing = {name for name, _ in self.named_parameters()}
+        for file in files:  # one file, or the shards that model.safetensors.index.json lists
+            with safe_open(file, "pt", "cpu") as f:
+                for key in f.keys():
+                    if tied and key == "lm_head.weight":
+                        continue
+                    name, shard = key, ()
+                    for part, (packed_part, shard_id) in self.packed.items():
+                        if f".{part}." in key:
+                            name, shard = key.replace(part, packed_part), (shard_id,)
+                            break
+                    param = self.get_parameter(name)
+                    loader = getattr(param, "weight_loader", lambda p, w: p.data.copy_(w))  # norms: whole
+                    loader(param, f.get_tensor(key), *shard)
+                    missing.discard(name)
+        if missing:
+            raise ValueError(f"checkpoint {path!r} lacks weights: {sorted(missing)[:5]}")
+
+
+# -----------------------------------------------------------------------------
+# Attention over a paged KV cache
+# The cache of each layer is (num_blocks, block_size, kv_heads, head_dim) for keys and the same for
+# values. A sequence owns a list of blocks (its block table); token at position p lives in block
+# block_table[p // block_size] at offset p % block_size, i.e. at slot block_id * block_size + offset.
+# Each step writes the new tokens' keys/values through the slot mapping, then attention reads the whole
+# context (cached prefix + new tokens) back through the block table. So prefix-cache hits and chunked
+# prefill need nothing special: the queries are just the last q_len positions of a longer context.
+
+@dataclass
+class AttnMeta:
+    slot_mapping: torch.Tensor   # (N,) int32 cache slot of each new token; -1 = padding, not written
+    cu_seqlens_q: torch.Tensor   # (B+1,) int32 offsets of each sequence's new tokens in the batch
+    context_lens: torch.Tensor   # (B,) int32 tokens in the cache per sequence, new ones included
+    block_tables: torch.Tensor   # (B, max_blocks) int32
+    max_seqlen_q: int            # 1 for a decode step
+
+
+def store_kvcache_reference(k, v, k_cache, v_cache, slot_mapping):
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    k_cache.view(-1, *k.shape[1:])[slots] = k[keep]
+    v_cache.view(-1, *v.shape[1:])[slots] = v[keep]
+
+
+def paged_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale):
+    # plain torch, one sequence at a time, in fp32: the definition the Triton kernels are held to
+    out = torch.empty_like(q)
+    block_size, group = k_cache.shape[1], q.shape[1] // k_cache.shape[2]
+    cu, lens = cu_seqlens_q.tolist(), context_lens.tolist()
+    for i, ctx in enumerate(lens):
+        qi = q[cu[i]:cu[i + 1]].float()                                  # (n, heads, head_dim)
+        blocks = block_tables[i, :-(-ctx // block_size)].long()
+        k = k_cache[blocks].flatten(0, 1)[:ctx].float().repeat_interleave(group, 1)  # (ctx, heads, hd)
+        v = v_cache[blocks].flatten(0, 1)[:ctx].float().repeat_interleave(group, 1)
+        scores = torch.einsum("nhd,khd->hnk", qi, k) * scale
+        n = qi.shape[0]  # query j sits at position ctx - n + j and sees keys 0..that position
+        future = torch.arange(ctx, device=q.device)[None, :] > (ctx - n + torch.arange(n, device=q.device))[:, None]
+        scores.masked_fill_(future, float("-inf"))
+        out[cu[i]:cu[i + 1]] = torch.einsum("hnk,khd->nhd", scores.softmax(-1), v).to(q.dtype)
+    return out
+
+
+class PagedAttention(nn.Module):
+    def __init__(self, num_heads, num_kv_heads, head_dim):
+        super().__init__()
+        self.scale = head_dim ** -0.5
+        self.k_cache = self.v_cache = torch.tensor([])  # bound to slices of the engine's cache later
+
+    def forward(self, q, k, v, meta):  # q: (N, heads, hd); k, v: (N, kv_heads, hd) -> (N, heads, hd)
+        if q.is_cuda:  # the fast path: Triton kernels
+            store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            if meta.max_seqlen_q == 1:
+                return decode_attention(q, self.k_cache, self.v_cache, meta.context_lens, meta.block_tables, self.scale)
+            return prefill_attention(q, self.k_cache, self.v_cache, meta.cu_seqlens_q, meta.context_lens,
+                                     meta.block_tables, self.scale, meta.max_seqlen_q)
+        store_kvcache_reference(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        return paged_attention_reference(q, self.k_cache, self.v_cache, meta.cu_seqlens_q, meta.context_lens,
+                                         meta.block_tables, self.scale)
+
+
+# -----------------------------------------------------------------------------
+# Sequences and the block manager (prefix caching)
+# A block is "published" under a hash once all its tokens are computed and in the cache. The hash
+# chains the parent block's hash with the block's own token ids, so equal hashes mean equal prefixes;
+# a hit is still confirmed against the stored parent hash and tokens. A block whose last user is done
+# goes back to the free list but keeps its hash and contents: a later request with the same prefix
+# revives it, until the block is handed out for new tokens (least recently freed first).
+
+class Sequence:
+    def __init__(self, request_id, token_ids, params):
+        self.request_id = request_id
+        self.token_ids = list(token_ids)     # prompt, then generated tokens
+        self.num_prompt_tokens = len(token_ids)
+        self.params = params
+        self.block_table = []
+        self.num_computed_tokens = 0         # tokens whose keys/values are in the cache
+        self.num_hashed_blocks = 0           # leading blocks already published under a hash
+        self.num_scheduled_tokens = 0        # tokens to compute in the current step
+        self.num_cached_tokens = 0           # prompt tokens served by the prefix cache
+        self.finish_reason = None            # "stop" or "length" once finished
+        self.generator = None                # per-request RNG when params.seed is set
+        self.running = False                 # in the scheduler's running list
+
+    def __len__(self):
+        return len(self.token_ids)
+
+    @property
+    def completion_token_ids(self):
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self):
+        return self.finish_reason is not None
+
+
+@dataclass(eq=False)
+class Block:
+    id: int
+    ref_count: int = 0
+    hash: int = -1          # -1: not published
+    parent_hash: int = -1
+    token_ids: tuple = ()
+
+
+class BlockManager:
+    def __init__(self, num_blocks, block_size, enable_prefix_caching=True):
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free = OrderedDict.fromkeys(range(num_blocks))   # ref_count == 0, oldest-freed first
+        self.hash_to_block = {}
+
+    @property
+    def num_free_blocks(self):
+        return len(self.free)
+
+    def blocks_needed(self, seq, num_tokens):  # new blocks for seq to hold num_tokens more tokens
+        total = seq.num_computed_tokens + num_tokens
+        return max(0, -(-total // self.block_size) - len(seq.block_table))
+
+    def claim_cached_prefix(self, seq):
+        # Take the longest run of published blocks matching the sequence's first full blocks, leaving at
+        # least the last token to compute (its logits give the next token).
+        assert not seq.block_table
+        parent = -1
+        for i in range((len(seq) - 1) // self.block_size if self.enable_prefix_caching else 0):
+            tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+            block_id = self.hash_to_block.get(hash((parent, tokens)))
+            block = self.blocks[block_id] if block_id is not None else None
+            if block is None or block.parent_hash != parent or block.token_ids != tokens:
+                break
+            if block.ref_count == 0:
+                del self.free[block.id]  # revived from the free list
+            block.ref_count += 1
+            seq.block_table.append(block.id)
+            parent = block.hash
+        seq.num_computed_tokens = seq.num_hashed_blocks = len(seq.block_table)
+        seq.num_computed_tokens *= self.block_size
+        seq.num_cached_tokens = seq.num_computed_tokens
+        return seq.num_computed_tokens
+
+    def allocate(self, seq, num_tokens):  # fresh blocks for the next num_tokens of seq
+        for _ in range(self.blocks_needed(seq, num_tokens)):
+            block_id, _ = self.free.popitem(last=False)
+            block = self.blocks[block_id]
+            if self.hash_to_block.get(block.hash) == block_id:  # evict its old contents
+                del self.hash_to_block[block.hash]
+            block.ref_count, block.hash, block.parent_hash, block.token_ids = 1, -1, -1, ()
+            seq.block_table.append(block_id)
+
+    def publish(self, seq):  # hash the blocks that just became full of computed tokens
+        if not self.enable_prefix_caching:
+            return
+        for i in range(seq.num_hashed_blocks, seq.num_computed_tokens // self.block_size):
+            block = self.blocks[seq.block_table[i]]
+            block.parent_hash = self.blocks[seq.block_table[i - 1]].hash if i else -1
+            block.token_ids = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+            block.hash = hash((block.parent_hash, block.token_ids))
+            self.hash_to_block.setdefault(block.hash, block.id)  # an equal twin may be published already
+        seq.num_hashed_blocks = seq.num_computed_tokens // self.block_size
+
+    def release(self, seq):  # the tail is freed first, so it is also evicted first
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[block_id] = None
+        seq.block_table = []
+        seq.num_computed_tokens = seq.num_hashed_blocks = 0
+
+
+# -----------------------------------------------------------------------------
+# Scheduler: continuous batching with chunked prefill and preemption
+# A step is either a prefill step (prompt chunks, up to max_num_batched_tokens tokens) or a decode step
+# (one token for every running sequence). Prefill goes first, so new requests join the batch as soon as
+# there is room. A running sequence that cannot get a block for its next token preempts the most recently
+# admitted one: that sequence gives its blocks back and later recomputes (mostly from the prefix cache).
+
+class Scheduler:
+    def __init__(self, config, block_manager, eos_token_ids):
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_model_len = config.max_model_len
+        self.block_manager = block_manager
+        self.eos_token_ids = set(eos_token_ids)
+        self.waiting = deque()   # not admitted, or preempted (at the front)
+        self.running = []        # admitted, oldest first
+        self.num_preemptions = 0
+
+    def is_finished(self):
+        return not self.waiting and not self.running
+
+    def schedule(self):
+        batch = self.schedule_prefill()
+        return (batch, True) if batch else (self.schedule_decode(), False)
+
+    def schedule_prefill(self):
+        batch, budget, bm = [], self.max_num_batched_tokens, self.block_manager
+        # first the running sequences still prefilling (chunked prompts), oldest first
+        for seq in [s for s in self.running if len(s) - s.num_computed_tokens > 1]:
+            if budget == 0 or len(batch) == self.max_num_seqs:
+                return batch
+            if not seq.running:
+                continue  # preempted just now by an older sequence
+            num_tokens = min(len(seq) - seq.num_computed_tokens, budget)
+            while bm.blocks_needed(seq, num_tokens) > bm.num_free_blocks and self.running[-1] is not seq:
+                self.preempt(self.running[-1])  # newer sequences make way for older ones
+            if bm.blocks_needed(seq, num_tokens) > bm.num_free_blocks:
+                self.preempt(seq)  # nothing newer is left to preempt: wait until the older ones finish
+                return batch
+            budget -= self.take(seq, num_tokens, batch)
+        # then new (or preempted) sequences in arrival order, while their first chunk fits
+        while self.waiting and budget and len(batch) < self.max_num_seqs and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            bm.claim_cached_prefix(seq)
+            num_tokens = min(len(seq) - seq.num_computed_tokens, budget)
+            if bm.blocks_needed(seq, num_tokens) > bm.num_free_blocks:
+                bm.release(seq)  # give the claimed prefix back; try again next step
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            seq.running = True
+            budget -= self.take(seq, num_tokens, batch)
+        return batch
+
+    def schedule_decode(self):
+        batch, bm = [], self.block_manager
+        for seq in list(self.running):
+            if not seq.running:
+                continue  # preempted by an older sequence in this loop
+            while bm.blocks_needed(seq, 1) > bm.num_free_blocks and self.running[-1] is not seq:
+                self.preempt(self.running[-1])
+            if bm.blocks_needed(seq, 1) > bm.num_free_blocks:
+                self.preempt(seq)
+                break
+            self.take(seq, 1, batch)
+        return batch
+
+    def take(self, seq, num_tokens, batch):
+        self.block_manager.allocate(seq, num_tokens)
+        seq.num_scheduled_tokens = num_tokens
+        batch.append(seq)
+        return num_tokens
+
+    def preempt(self, seq):
+        self.running.remove(seq)
+        seq.running = False
+        self.block_manager.release(seq)
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def postprocess(self, batch, sampled):
+        # sampled: the next token of each sequence whose scheduled tokens reached its end, in batch order
+        sampled = iter(sampled)
+        for seq in batch:
+            seq.num_computed_tokens += seq.num_scheduled_tokens
+            self.block_manager.publish(seq)
+            if seq.num_computed_tokens < len(seq):
+                continue  # a prompt chunk: the rest comes in later steps
+            token = next(sampled)
+            seq.token_ids.append(token)
+            p = seq.params
+            if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
+                seq.finish_reason = "stop"
+            elif len(seq.completion_token_ids) == p.max_tokens or len(seq) == self.max_model_len:
+                seq.finish_reason = "length"
+            if seq.is_finished:
+                self.running.remove(seq)
+                seq.running = False
+                self.block_manager.release(seq)
+
+
+# -----------------------------------------------------------------------------
+# Model runner: batch -> tensors -> forward (CUDA graph replay for decode) -> logits -> sampled tokens
+
+def sample(logits, temperature, top_k, top_p, seeded):
+    # logits: (B, V) fp32; temperature, top_p: (B,) float; top_k: (B,) int64, vocab size = off;
+    # seeded: [(row, torch.Generator)] for requests with a seed. temperature 0 means greedy.
+    greedy = logits.argmax(-1)
+    logits = logits / temperature.clamp(min=1e-6).unsqueeze(1)
+    if (top_k < logits.shape[1]).any() or (top_p < 1).any():
+        # sort once; drop ranks >= top_k, then the tail past top_p of the renormalised rest
+        sorted_logits, order = logits.sort(-1, descending=True)
+        ranks = torch.arange(logits.shape[1], device=logits.device)
+        sorted_logits.masked_fill_(ranks >= top_k.unsqueeze(1), float("-inf"))
+        probs = sorted_logits.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs  # probability of the better tokens
+        sorted_logits.masked_fill_(mass_before >= top_p.unsqueeze(1), float("-inf"))
+        logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    # exponential race: argmax(p / E) with E ~ Exp(1) draws index i with probability p_i
+    noise = torch.empty_like(probs).exponential_()
+    for row, generator in seeded:
+        noise[row].exponential_(generator=generator)
+    sampled = (probs / noise).argmax(-1)
+    return torch.where(temperature == 0, greedy, sampled)
+
+
+class ModelRunner:
+    def __init__(self, config, tp=Parallel()):
+        self.config, self.tp = config, tp
+        self.device = torch.device(config.device)
+        self.block_size = config.kvcache_block_size
+        hf = config.hf
+        torch.set_default_dtype(config.torch_dtype)
+        with self.device:
+            self.model = Qwen3ForCausalLM(hf, tp)
+        torch.set_default_dtype(torch.float32)
+        self.model.load_weights(config.model, hf.tie_word_embeddings)
+        self.model.model.rotary_emb.cos_sin = self.model.model.rotary_emb.cos_sin.float()
+        self.kv_heads = hf.num_kv_heads // tp.size
+        self.block_bytes = (2 * hf.num_layers * self.block_size * self.kv_heads * hf.head_dim
+                            * config.torch_dtype.itemsize)
+        num_blocks = config.num_kvcache_blocks or self.measure_kv_cache_blocks()
+        if tp.size > 1:  # every rank must agree: take the smallest
+            n = torch.tensor([num_blocks], device=self.device)
+            dist.all_reduce(n, dist.ReduceOp.MIN, group=tp.group)
+            num_blocks = int(n.item())
+        self.num_kvcache_blocks = num_blocks
+        self.allocate_kv_cache(num_blocks)
+        self.graphs = {}
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.capture_cudagraph()
+
+    def allocate_kv_cache(self, num_blocks):
+        hf = self.config.hf
+        self.kv_cache = torch.empty(2, hf.num_layers, num_blocks, self.block_size, self.kv_heads, hf.head_dim,
+                                    dtype=self.config.torch_dtype, device=self.device)
+        for i, layer in enumerate(self.model.model.layers):
+            layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+
+    def measure_kv_cache_blocks(self):
+        if self.device.type == "cpu":  # a fixed budget: the CPU path is for learning and tests
+            return max(1, CPU_KV_CACHE_BYTES // self.block_bytes)
+        # warm up with the largest prefill and the largest sampled batch, then give the KV cache what is
+        # left of gpu_memory_utilization after the weights, other processes and that activation peak
+        cfg = self.config
+        lens = [cfg.max_model_len] * (cfg.max_num_batched_tokens // cfg.max_model_len)
+        lens += [cfg.max_num_batched_tokens % cfg.max_model_len] if cfg.max_num_batched_tokens % cfg.max_model_len else []
+        self.allocate_kv_cache(sum(-(-n // self.block_size) for n in lens))
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+        step, next_block = dict(input_ids=[], positions=[], slot_mapping=[], cu_seqlens_q=[0], context_lens=[],
+                                block_tables=[], logits_rows=[]), 0
+        for n in lens:
+            blocks = list(range(next_block, next_block + -(-n // self.block_size)))
+            next_block += len(blocks)
+            step["input_ids"] += [0] * n
+            step["positions"] += list(range(n))
+            step["slot_mapping"] += [blocks[p // self.block_size] * self.block_size + p % self.block_size for p in range(n)]
+            step["cu_seqlens_q"].append(step["cu_seqlens_q"][-1] + n)
+            step["context_lens"].append(n)
+            step["block_tables"].append(blocks)
+            step["logits_rows"] += [step["cu_seqlens_q"][-1] - 1] * (cfg.max_num_seqs // len(lens) + 1)
+        step["logits_rows"] = step["logits_rows"][:cfg.max_num_seqs]
+        logits = self.run(step)
+        if logits is not None:
+            b = logits.shape[0]
+            sample(logits, torch.ones(b, device=self.device), torch.full((b,), 50, device=self.device),
+                   torch.full((b,), 0.9, device=self.device), [])
+        torch.cuda.synchronize()
+        activations = torch.cuda.max_memory_allocated() - baseline
+        del self.kv_cache, logits
+        for layer in self.model.model.layers:
+            layer.self_attn.attn.k_cache = layer.self_attn.attn.v_cache = None
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info()
+        budget = total * cfg.gpu_memory_utilization - (total - free) - activations - CUDA_GRAPH_RESERVE_BYTES
+        if budget < self.block_bytes:
+            raise RuntimeError(f"no GPU memory left for the KV cache: {budget / 2**30:.2f} GiB after weights "
+                               f"and activations; raise gpu_memory_utilization or lower max_num_batched_tokens")
+        return int(budget // self.block_bytes)
+
+    def to_device(self, values, dtype=torch.int32):
+        t = torch.tensor(values, dtype=dtype, pin_memory=self.device.type == "cuda")
+        return t.to(self.device, non_blocking=True)
+
+    def prepare(self, batch):
+        # host lists describing one step; rank 0 builds them and sends them to the other ranks
+        bs = self.block_size
+        step = dict(input_ids=[], positions=[], slot_mapping=[], cu_seqlens_q=[0], context_lens=[],
+                    block_tables=[], logits_rows=[])
+        for seq in batch:
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_scheduled_tokens
+            step["input_ids"] += seq.token_ids[start:end]
+            step["positions"] += range(start, end)
+            step["slot_mapping"] += [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
+            step["cu_seqlens_q"].append(step["cu_seqlens_q"][-1] + end - start)
+            step["context_lens"].append(end)
+            step["block_tables"].append(seq.block_table)
+            if end == len(seq):  # the last token is computed: its logits give the next token
+                step["logits_rows"].append(step["cu_seqlens_q"][-1] - 1)
+        return step
+
+    @torch.inference_mode()
+    def run(self, step):  # -> (rows, vocab) fp32 logits on the group's first rank, None on the others
+        width = max(map(len, step["block_tables"]))
+        meta = AttnMeta(slot_mapping=self.to_device(step["slot_mapping"]),
+                        cu_seqlens_q=self.to_device(step["cu_seqlens_q"]),
+                        context_lens=self.to_device(step["context_lens"]),
+                        block_tables=self.to_device([t + [0] * (width - len(t)) for t in step["block_tables"]]),
+                        max_seqlen_q=max(b - a for a, b in zip(step["cu_seqlens_q"], step["cu_seqlens_q"][1:])))
+        input_ids, positions = self.to_device(step["input_ids"], torch.int64), self.to_device(step["positions"], torch.int64)
+        if meta.max_seqlen_q == 1 and len(step["input_ids"]) in self.graph_sizes():
+            hidden = self.replay(input_ids, positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, meta)
+        logits = self.model.compute_logits(hidden[self.to_device(step["logits_rows"], torch.int64)])
+        return logits.float() if logits is not None else None
+
+    def graph_sizes(self):
+        return self.graphs
+
+    def capture_cudagraph(self):
+        pass
+
+
+CPU_KV_CACHE_BYTES = 1 << 30
+CUDA_GRAPH_RESERVE_BYTES = 256 << 20
+
+
+# -----------------------------------------------------------------------------
+# LLM: the API. generate() is a loop over the step-level engine: add_request(), step(), is_finished().
+
+class LLM:
+    def __init__(self, model, **kwargs):
+        self.config = config = Config(model, **kwargs)
+        from transformers import AutoTokenizer
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.runner = ModelRunner(config)
+        self.num_kvcache_blocks = self.runner.num_kvcache_blocks
+        self.block_manager = BlockManager(self.num_kvcache_blocks, config.kvcache_block_size,
+                                          config.enable_prefix_caching)
+        eos = config.hf.eos_token_ids or (self.tokenizer.eos_token_id,)
+        self.eos_token_ids = tuple(e for e in eos if e is not None)
+        self.scheduler = Scheduler(config, self.block_manager, self.eos_token_ids)
+        self.requests = {}  # request_id -> Sequence, until finished
+        self.next_request_id = 0
+        self.stats = dict(prompt_tokens=0, cached_prompt_tokens=0, generated_tokens=0, preemptions=0, steps=0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.exit()
+
+    def exit(self):
+        self.runner = None
+        self.requests.clear()
+
+    # ---- requests
+    def make_sequence(self, prompt, params):
+        # validate before any work, so a bad request changes nothing
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt, str):
+            token_ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            token_ids = list(prompt)
+        else:
+            raise TypeError("a prompt is a string or a list of token ids")
+        cfg = self.config
+        if not token_ids:
+            raise ValueError("empty prompt: at least one token is needed")
+        bad = [t for t in token_ids if not 0 <= t < cfg.hf.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {cfg.hf.vocab_size})")
+        if len(token_ids) >= cfg.max_model_len:
+            raise ValueError(f"prompt of {len(token_ids)} tokens does not fit max_model_len={cfg.max_model_len} "
+                             f"with room for one new token")
+        need = -(-min(len(token_ids) + params.max_tokens, cfg.max_model_len) // cfg.kvcache_block_size)
+        if need > self.num_kvcache_blocks:
+            raise ValueError(f"request needs {need} KV-cache blocks at full length but the cache has only "
+                             f"{self.num_kvcache_blocks}: it could never run; shorten it or lower max_tokens")
+        seq = Sequence(self.next_request_id, token_ids, params)
+        self.next_request_id += 1
+        return seq
+
+    def add_request(self, prompt, sampling_params=None):
+        seq = self.make_sequence(prompt, sampling_params or SamplingParams())
+        self.enqueue(seq)
+        return seq.request_id
+
+    def enqueue(self, seq):
+        self.requests[seq.request_id] = seq
+        self.scheduler.waiting.append(seq)
+        self.stats["prompt_tokens"] += seq.num_prompt_tokens
+
+    def abort(self, request_id):
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return
+        if seq.running:
+            self.scheduler.running.remove(seq)
+            self.block_manager.release(seq)
+            seq.running = False
+        elif seq in self.scheduler.waiting:
+            self.scheduler.waiting.remove(seq)
+        seq.finish_reason = seq.finish_reason or "abort"
+
+    def is_finished(self):
+        return self.scheduler.is_finished()
+
+    # ---- one step of the engine: schedule, run the model, sample, update the sequences
+    def step(self):
+        # -> the sequences that got a new token (finished ones included) and the number of tokens computed
+        batch, is_prefill = self.scheduler.schedule()
+        if not batch:
+            return [], 0
+        logits = self.runner.run(self.runner.prepare(batch))
+        done = [seq for seq in batch if seq.num_computed_tokens + seq.num_scheduled_tokens == len(seq)]
+        sampled = self.sample(done, logits) if done else []
+        self.scheduler.postprocess(batch, sampled)
+        for seq in batch:
+            self.stats["cached_prompt_tokens"] += seq.num_cached_tokens
+            seq.num_cached_tokens = 0  # counted once per admission
+        for seq in done:
+            if seq.is_finished:
+                self.requests.pop(seq.request_id, None)
+        self.stats["generated_tokens"] += len(done)
+        self.stats["preemptions"] = self.scheduler.num_preemptions
+        self.stats["steps"] += 1
+        return done, sum(seq.num_scheduled_tokens for seq in batch) if is_prefill else len(batch)
+
+    def sample(self, seqs, logits):
+        device = logits.device
+        params = [s.params for s in seqs]
+        vocab = logits.shape[1]
+        seeded = []
+        for row, seq in enumerate(seqs):
+            if seq.params.seed is not None and seq.params.temperature > 0:
+                if seq.generator is None:
+                    seq.generator = torch.Generator(device).manual_seed(seq.params.seed)
+                seeded.append((row, seq.generator))
+        ids = sample(logits, self.runner.to_device([p.temperature for p in params], torch.float32),
+                     self.runner.to_device([p.top_k if p.top_k > 0 else vocab for p in params], torch.int64),
+                     self.runner.to_device([p.top_p for p in params], torch.float32), seeded)
+        return ids.tolist()  # the one host synchronisation per step
+
+    # ---- offline generation
+    def generate(self, prompts, sampling_params=None, use_tqdm=True):
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            raise TypeError("prompts is a list of strings or a list of token-id lists")
+        params = sampling_params or SamplingParams()
+        if isinstance(params, (list, tuple)):
+            if len(params) != len(prompts):
+                raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        else:
+            params = [params] * len(prompts)
+        seqs = [self.make_sequence(p, sp) for p, sp in zip(prompts, params)]  # all checked before any runs
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
+        try:
+            for seq in seqs:
+                self.enqueue(seq)
+            while not all(seq.is_finished for seq in seqs):
+                t = time.perf_counter()
+                done, num_tokens = self.step()
+                kind = "prefill" if any(s.num_scheduled_tokens > 1 for s in done) or not done else "decode"
+                bar.set_postfix_str(f"{kind} {num_tokens / (time.perf_counter() - t):.0f} tok/s", refresh=False)
+                bar.update(sum(seq.is_finished for seq in done))
+        finally:
+            bar.close()
+            for seq in seqs:  # after an interruption: drop what is left, the engine stays usable
+                self.abort(seq.request_id)
+        return [dict(text=self.tokenizer.decode(s.completion_token_ids, skip_special_tokens=True),
+                     token_ids=s.completion_token_ids, finish_reason=s.finish_reason) for s in seqs]
+
+
+# -----------------------------------------------------------------------------
+# A tiny random-weight Qwen3 with its own tokenizer: the offline demo, and the checkpoints tests use
+
+def build_random_checkpoint(path, seed=0, dtype=torch.float32, **config):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen3Config
+    from transformers import Qwen3ForCausalLM as HFQwen3ForCausalLM
+    config = dict(dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                       tie_word_embeddings=False), **config)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator([__doc__] * 4, trainers.BpeTrainer(
+        vocab_size=min(config["vocab_size"], 1000), special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tokenizer.save_pretrained(path)
+    eos = [tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")]
+    torch.manual_seed(seed)
+    model = HFQwen3ForCausalLM(Qwen3Config(eos_token_id=eos, **config)).to(dtype)
+    model.generation_config.eos_token_id = eos
+    model.save_pretrained(path)
+    return path
+
+
+# -----------------------------------------------------------------------------
+# main(): offline generation from the command line
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="nanollm: offline generation with a Qwen3 checkpoint")
+    p.add_argument("--model", help="local HF checkpoint directory (none: a tiny random demo model)")
+    p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    for f in fields(Config):  # engine flags, named after vLLM's, with the dataclass's defaults
+        if f.name != "model":
+            flag = "--" + f.name.replace("_", "-")
+            if f.type == "bool" or isinstance(f.default, bool):
+                p.add_argument(flag, action="store_true", default=f.default)
+            else:
+                kind = {"int": int, "float": float, "str": str}.get(str(f.type).split(" ")[0], None)
+                p.add_argument(flag, type=kind or (float if isinstance(f.default, float) else int if isinstance(f.default, int) else str),
+                               default=f.default)
+    for f in fields(SamplingParams):
+        if f.name not in ("stop_token_ids",):
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(f.default, bool):
+                p.add_argument(flag, action="store_true")
+            else:
+                p.add_argument(flag, type=float if isinstance(f.default, float) else int, default=f.default)
+    args = p.parse_args(argv)
+    engine_args = {f.name: getattr(args, f.name) for f in fields(Config) if f.name != "model"}
+    params = SamplingParams(**{f.name: getattr(args, f.name) for f in fields(SamplingParams) if f.name != "stop_token_ids"})
+    model = args.model
+    if model is None:
+        import tempfile
+        model = build_random_checkpoint(tempfile.mkdtemp(prefix="nanollm-demo-"))
+        print(f"No --model given: built a tiny Qwen3 with RANDOM weights in {model}; its text is gibberish, "
+              f"but every part of the engine runs.")
+    prompts = args.prompt or ["Introduce yourself.", "List all prime numbers within 100."]
+    with LLM(model, **engine_args) as llm:
+        if args.chat:
+            prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                         add_generation_prompt=True) for q in prompts]
+        outputs = llm.generate(prompts, params)
+        for prompt, out in zip(prompts, outputs):
+            print(f"\nPrompt: {prompt!r}\nCompletion: {out['text']!r}")
+
+
+if __name__ == "__main__":
+    main()
