@@ -1,0 +1,312 @@
+"""nanollm's tests: every path against an independent reference (HF transformers, plain torch) or an exact
+invariant. CPU by default; tests marked `cuda` run on a GPU and skip without one."""
+import json
+import os
+import random
+import shutil
+
+import pytest
+import torch
+
+import nanollm
+from nanollm import LLM, BlockManager, SamplingParams, Sequence, build_random_checkpoint
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# tiny random Qwen3s: GQA ratio 2 untied, GQA ratio 4 tied
+CHECKPOINTS = {
+    "gqa2-untied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
+    "gqa4-tied": dict(num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True),
+}
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    return {name: build_random_checkpoint(str(root / name), **cfg) for name, cfg in CHECKPOINTS.items()}
+
+
+@pytest.fixture(scope="session")
+def hf_models(checkpoints):
+    from transformers import AutoModelForCausalLM
+    return {name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            for name, path in checkpoints.items()}
+
+
+def hf_greedy(hf, prompt, max_tokens):
+    ids = torch.tensor([prompt])  # an explicit mask: generate() would otherwise mask pad-id tokens
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
+                      eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def random_prompts(lengths, seed=0, vocab=512):
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
+
+
+def assert_all_blocks_free(llm):
+    bm = llm.block_manager
+    assert bm.num_free_blocks == len(bm.blocks)
+    assert all(b.ref_count == 0 for b in bm.blocks)
+    assert llm.is_finished() and not llm.requests
+
+
+# ---------------------------------------------------------------- greedy equals HF transformers
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_greedy_matches_hf_uneven_batch(checkpoints, hf_models, name, block_size):
+    # 1 token to several blocks, on and off block boundaries, all in one batch
+    prompts = random_prompts([1, 15, 16, 17, 31, 32, 33, 70])
+    llm = LLM(checkpoints[name], kvcache_block_size=block_size, num_kvcache_blocks=64)
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        assert out["token_ids"] == hf_greedy(hf_models[name], prompt, GREEDY.max_tokens)
+    assert_all_blocks_free(llm)
+
+
+def test_string_prompts_match_hf(checkpoints, hf_models):
+    llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
+    prompts = ["Hello, world!", "What does the block manager do with a freed block?"]
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        ref = hf_greedy(hf_models["gqa2-untied"], llm.tokenizer.encode(prompt), GREEDY.max_tokens)
+        assert out["token_ids"] == ref
+        assert out["text"] == llm.tokenizer.decode(ref, skip_special_tokens=True)
+
+
+def test_prefix_cache_across_calls(checkpoints, hf_models):
+    name = "gqa4-tied"
+    prefix = random_prompts([3 * 16 + 5], seed=1)[0]  # three full blocks and a bit
+    first = [prefix + s for s in random_prompts([4, 9], seed=2)]
+    second = [prefix + s for s in random_prompts([1, 20], seed=3)]
+    llm = LLM(checkpoints[name], kvcache_block_size=16, num_kvcache_blocks=64)
+    llm.generate(first, GREEDY, use_tqdm=False)
+    assert llm.stats["cached_prompt_tokens"] == 0  # nothing published before the first call ran
+    outs = llm.generate(second, GREEDY, use_tqdm=False)
+    assert llm.stats["cached_prompt_tokens"] == 2 * 3 * 16  # each prompt reused the three prefix blocks
+    for prompt, out in zip(second, outs):
+        assert out["token_ids"] == hf_greedy(hf_models[name], prompt, GREEDY.max_tokens)
+    assert_all_blocks_free(llm)
+
+
+def test_last_prompt_token_is_always_computed(checkpoints, hf_models):
+    prompt = random_prompts([32], seed=4)[0]  # exactly two blocks
+    llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
+    a = llm.generate([prompt], GREEDY, use_tqdm=False)
+    b = llm.generate([prompt], GREEDY, use_tqdm=False)
+    assert llm.stats["cached_prompt_tokens"] == 16  # not 32: the last block holds the last prompt token
+    assert a == b and a[0]["token_ids"] == hf_greedy(hf_models["gqa2-untied"], prompt, GREEDY.max_tokens)
+
+
+def test_chunked_prefill(checkpoints, hf_models):
+    prompts = random_prompts([100, 7], seed=5)
+    llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64, max_num_batched_tokens=24)
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert llm.stats["steps"] >= 107 // 24 + GREEDY.max_tokens  # the prompts took several prefill steps
+    for prompt, out in zip(prompts, outs):
+        assert out["token_ids"] == hf_greedy(hf_models["gqa2-untied"], prompt, GREEDY.max_tokens)
+    assert_all_blocks_free(llm)
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_preemption_loses_nothing(checkpoints, hf_models, prefix_caching):
+    name = "gqa4-tied"
+    prompts = random_prompts([20, 5, 33, 17, 12, 40], seed=6)
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    # 10 blocks of 16 tokens: each sequence needs 3-5 blocks at full length, so they cannot all run
+    llm = LLM(checkpoints[name], kvcache_block_size=16, num_kvcache_blocks=10, enable_prefix_caching=prefix_caching)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert llm.stats["preemptions"] > 0
+    roomy = LLM(checkpoints[name], kvcache_block_size=16, num_kvcache_blocks=64).generate(prompts, params, use_tqdm=False)
+    assert outs == roomy
+    for prompt, out in zip(prompts, outs):
+        assert out["token_ids"] == hf_greedy(hf_models[name], prompt, params.max_tokens)
+    assert_all_blocks_free(llm)
+
+
+def test_max_num_seqs_and_stops(checkpoints, hf_models):
+    prompts = random_prompts([5, 9, 13], seed=7)
+    ref = [hf_greedy(hf_models["gqa2-untied"], p, 12) for p in prompts]
+    llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64, max_num_seqs=2, max_model_len=20)
+    stop = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop_token_ids=[ref[0][3]])
+    outs = llm.generate(prompts, [stop, GREEDY, GREEDY], use_tqdm=False)
+    assert outs[0]["token_ids"] == ref[0][:ref[0].index(ref[0][3]) + 1] and outs[0]["finish_reason"] == "stop"
+    assert outs[1]["token_ids"] == ref[1][:20 - 9]  # max_model_len caps prompt + output at 20
+    assert outs[2]["token_ids"] == ref[2][:20 - 13] and outs[2]["finish_reason"] == "length"
+
+
+def test_eos_stops_unless_ignored(checkpoints, hf_models):
+    prompt = random_prompts([6], seed=8)[0]
+    ref = hf_greedy(hf_models["gqa2-untied"], prompt, 12)
+    path = checkpoints["gqa2-untied"]
+    llm = LLM(path, kvcache_block_size=16, num_kvcache_blocks=64)
+    llm.eos_token_ids = llm.scheduler.eos_token_ids = {ref[4]}  # pretend the 5th token is the model's eos
+    assert llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0]["token_ids"] == ref[:ref.index(ref[4]) + 1]
+    assert llm.generate([prompt], GREEDY, use_tqdm=False)[0]["token_ids"] == ref
+
+
+# ---------------------------------------------------------------- block manager invariants
+
+def make_seq(tokens):
+    return Sequence(0, tokens, SamplingParams())
+
+
+def compute(bm, seq, n):  # what a step does to the cache: allocate, compute, publish
+    bm.allocate(seq, n)
+    seq.num_computed_tokens += n
+    bm.publish(seq)
+
+
+def test_block_manager_hashing_reuse_and_refcounts():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    a = make_seq(list(range(10)))            # blocks [0..3] [4..7] [8, 9]
+    compute(bm, a, 10)
+    assert len(a.block_table) == 3 and bm.num_free_blocks == 5
+    assert [bm.blocks[b].hash != -1 for b in a.block_table] == [True, True, False]  # only full blocks
+    b = make_seq(list(range(8)) + [42, 43, 44])  # shares two full blocks
+    assert bm.claim_cached_prefix(b) == 8
+    assert b.block_table == a.block_table[:2] and [bm.blocks[i].ref_count for i in a.block_table] == [2, 2, 1]
+    compute(bm, b, 3)
+    c = make_seq([0, 1, 2, 99, 4, 5, 6, 7, 8])  # differs in the first block: the chain breaks there
+    assert bm.claim_cached_prefix(c) == 0
+    bm.release(a)
+    bm.release(b)
+    assert bm.num_free_blocks == 8 and all(blk.ref_count == 0 for blk in bm.blocks)
+    # freed blocks keep their hashes and are revived by the same prefix
+    d = make_seq(list(range(9)))
+    assert bm.claim_cached_prefix(d) == 8 and bm.num_free_blocks == 6
+    bm.release(d)
+    # handing every block out for new tokens evicts the old contents
+    e = make_seq([7] * 32)
+    bm.allocate(e, 32)
+    assert bm.num_free_blocks == 0 and not bm.hash_to_block
+    bm.release(e)
+    assert bm.claim_cached_prefix(make_seq(list(range(9)))) == 0
+
+
+def test_hash_hit_is_confirmed_against_tokens():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    a = make_seq([1, 2, 3, 4, 5])
+    compute(bm, a, 5)
+    block = bm.blocks[a.block_table[0]]
+    block.token_ids = (9, 9, 9, 9)  # a forged collision: same hash, other tokens
+    assert bm.claim_cached_prefix(make_seq([1, 2, 3, 4, 5])) == 0
+
+
+def test_prefix_caching_off_never_hits():
+    bm = BlockManager(num_blocks=4, block_size=4, enable_prefix_caching=False)
+    a = make_seq(list(range(9)))
+    compute(bm, a, 9)
+    assert bm.claim_cached_prefix(make_seq(list(range(9)))) == 0 and not bm.hash_to_block
+
+
+# ---------------------------------------------------------------- sampling
+
+def test_top_k_1_equals_greedy_and_seeds_repeat(checkpoints):
+    llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
+    prompts = random_prompts([5, 30], seed=9)
+    greedy = llm.generate(prompts, GREEDY, use_tqdm=False)
+    top1 = llm.generate(prompts, SamplingParams(temperature=1.5, top_k=1, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    assert top1 == greedy
+    seeded = [SamplingParams(temperature=1.0, seed=s, max_tokens=12, ignore_eos=True) for s in (1, 1, 2)]
+    a = llm.generate([prompts[0]] * 3, seeded, use_tqdm=False)
+    b = llm.generate([prompts[0]] * 3, seeded, use_tqdm=False)
+    assert a == b and a[0] == a[1] and a[0] != a[2]
+
+
+def reference_probs(logits, temperature, top_k, top_p):
+    # the distribution top-k then top-p sampling defines, written the plain way
+    probs = (logits / temperature).softmax(-1)
+    order = probs.argsort(descending=True)
+    keep, mass = [], 0.0
+    for rank, i in enumerate(order.tolist()):
+        if rank >= top_k or mass >= top_p:
+            break
+        keep.append(i)
+        mass += probs[i].item() / probs[order[:top_k]].sum().item()
+    out = torch.zeros_like(probs)
+    out[keep] = probs[keep]
+    return out / out.sum()
+
+
+@pytest.mark.parametrize("top_k, top_p", [(5, 1.0), (50, 0.6), (-1, 0.3)])
+def test_sampler_matches_reference_distribution(top_k, top_p):
+    torch.manual_seed(0)
+    vocab, draws = 50, 20000
+    logits = torch.randn(vocab) * 2
+    ref = reference_probs(logits, 0.8, top_k if top_k > 0 else vocab, top_p)
+    rows = logits.expand(draws, vocab).contiguous()
+    ids = nanollm.sample(rows, torch.full((draws,), 0.8), torch.full((draws,), top_k if top_k > 0 else vocab),
+                         torch.full((draws,), top_p), [])
+    freq = torch.bincount(ids, minlength=vocab).float() / draws
+    assert set(ids.unique().tolist()) <= set(ref.nonzero().flatten().tolist())  # never outside the set
+    assert (freq - ref).abs().max() < 0.02
+
+
+# ---------------------------------------------------------------- bad input: clear errors, engine unharmed
+
+def test_bad_model_paths(tmp_path, checkpoints):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        LLM(str(tmp_path / "missing"))
+    other = tmp_path / "llama"
+    shutil.copytree(checkpoints["gqa2-untied"], other)
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(dict(cfg, architectures=["LlamaForCausalLM"])))
+    with pytest.raises(ValueError, match="LlamaForCausalLM"):
+        LLM(str(other))
+    for f in other.glob("*.safetensors"):
+        f.unlink()
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        LLM(str(other))
+
+
+@pytest.mark.parametrize("bad", [
+    lambda: SamplingParams(temperature=-0.1),
+    lambda: SamplingParams(max_tokens=0),
+    lambda: SamplingParams(top_p=0),
+    lambda: SamplingParams(top_p=1.5),
+    lambda: SamplingParams(top_k=0),
+])
+def test_invalid_sampling_params(bad):
+    with pytest.raises(ValueError):
+        bad()
+
+
+def test_bad_requests_change_nothing(checkpoints, hf_models):
+    llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=4, max_model_len=100)
+    good = random_prompts([10], seed=10)[0]
+    cases = [
+        ([list(range(100))], GREEDY, "max_model_len"),                   # prompt too long
+        ([[]], GREEDY, "empty"),                                          # empty prompt
+        ([""], GREEDY, "empty"),
+        ([[1, 2, 512]], GREEDY, "vocabulary"),                            # token id outside the vocab
+        ([[-1]], GREEDY, "vocabulary"),
+        ([good, good], [GREEDY], "2 prompts but 1"),                      # list lengths differ
+        ([good, list(range(50))], SamplingParams(max_tokens=20), "could never run"),  # 70 tokens > 4 blocks
+    ]
+    for prompts, params, message in cases:
+        with pytest.raises(ValueError, match=message):
+            llm.generate(prompts, params, use_tqdm=False)
+        assert llm.is_finished() and llm.block_manager.num_free_blocks == 4
+    assert llm.generate([good], GREEDY, use_tqdm=False)[0]["token_ids"] == hf_greedy(hf_models["gqa2-untied"], good, 12)
+
+
+def test_step_level_api(checkpoints, hf_models):
+    llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
+    prompts = random_prompts([3, 18], seed=11)
+    ids = [llm.add_request(p, GREEDY) for p in prompts]
+    tokens = {i: [] for i in ids}
+    while not llm.is_finished():
+        for seq in llm.step()[0]:
+            tokens[seq.request_id].append(seq.token_ids[-1])
+    assert [tokens[i] for i in ids] == [hf_greedy(hf_models["gqa2-untied"], p, 12) for p in prompts]
+
+
+def test_cli_demo_runs_offline(capsys):
+    nanollm.main(["--max-tokens", "5", "--temperature", "0", "--prompt", "hi", "--chat"])
+    out = capsys.readouterr().out
+    assert "RANDOM weights" in out and "Completion:" in out
