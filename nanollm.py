@@ -141,6 +141,8 @@ class Config:
         else:
             self.torch_dtype = getattr(torch, self.dtype)
         tp = self.tensor_parallel_size
+        check(self.device != "cuda" or tp <= torch.cuda.device_count(),
+              f"tensor_parallel_size {tp} exceeds the {torch.cuda.device_count()} GPUs present")
         check(self.hf.num_heads % tp == 0 and self.hf.num_kv_heads % tp == 0,
               f"tensor_parallel_size {tp} must divide the heads ({self.hf.num_heads} query, {self.hf.num_kv_heads} KV)")
 
@@ -176,7 +178,8 @@ class SamplingParams:
 class Parallel:
     rank: int = 0           # this process's index in its tensor-parallel group
     size: int = 1
-    group: object = None    # the torch.distributed group; None when size == 1
+    group: object = None    # the torch.distributed group for the model's collectives (NCCL or gloo)
+    control: object = None  # a gloo group on which rank 0 sends commands to the other ranks
 
 
 class ColumnParallelLinear(nn.Module):
@@ -678,12 +681,12 @@ class Scheduler:
 # -----------------------------------------------------------------------------
 # Model runner: batch -> tensors -> forward (CUDA graph replay for decode) -> logits -> sampled tokens
 
-def sample(logits, temperature, top_k, top_p, seeded):
-    # logits: (B, V) fp32; temperature, top_p: (B,) float; top_k: (B,) int64, vocab size = off;
-    # seeded: [(row, torch.Generator)] for requests with a seed. temperature 0 means greedy.
+def sample(logits, temperature, top_k=None, top_p=None, seeded=()):
+    # logits: (B, V) fp32; temperature: (B,) float, 0 = greedy; top_k: (B,) int64 (V = all) and top_p: (B,)
+    # float, both None when no row filters; seeded: [(row, torch.Generator)] for requests with a seed.
     greedy = logits.argmax(-1)
     logits = logits / temperature.clamp(min=1e-6).unsqueeze(1)
-    if (top_k < logits.shape[1]).any() or (top_p < 1).any():
+    if top_k is not None:
         # sort once; drop ranks >= top_k, then the tail past top_p of the renormalised rest
         sorted_logits, order = logits.sort(-1, descending=True)
         ranks = torch.arange(logits.shape[1], device=logits.device)
@@ -704,7 +707,7 @@ def sample(logits, temperature, top_k, top_p, seeded):
 class ModelRunner:
     def __init__(self, config, tp=Parallel()):
         self.config, self.tp = config, tp
-        self.device = torch.device(config.device)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if config.device == "cuda" else torch.device(config.device)
         self.block_size = config.kvcache_block_size
         hf = config.hf
         torch.set_default_dtype(config.torch_dtype)
@@ -723,9 +726,35 @@ class ModelRunner:
             num_blocks = int(n.item())
         self.num_kvcache_blocks = num_blocks
         self.allocate_kv_cache(num_blocks)
-        self.graphs = {}
+        self.graphs, self.max_graph_batch = {}, 0
         if self.device.type == "cuda" and not config.enforce_eager:
             self.capture_cudagraph()
+
+    # ---- tensor parallelism: rank 0 calls a method, and every other rank runs the same call
+    def call(self, method, *args):
+        if self.tp.size > 1:
+            dist.broadcast_object_list([(method, args)], src=dist.get_global_rank(self.tp.control, 0), group=self.tp.control)
+        return getattr(self, method)(*args)
+
+    def loop(self):  # ranks 1..N-1: run rank 0's commands until "exit"
+        while True:
+            command = [None]
+            dist.broadcast_object_list(command, src=dist.get_global_rank(self.tp.control, 0), group=self.tp.control)
+            method, args = command[0]
+            if method == "exit":
+                return
+            getattr(self, method)(*args)
+
+    def exit(self):  # on rank 0; the other ranks leave loop() on this command
+        pass
+
+    def rpc(self, fn, args):  # fn(runner, *args) on every rank; rank 0 gets the list of results
+        result = fn(self, *args)
+        if self.tp.size == 1:
+            return [result]
+        results = [None] * self.tp.size if self.tp.rank == 0 else None
+        dist.gather_object(result, results, dst=dist.get_global_rank(self.tp.control, 0), group=self.tp.control)
+        return results
 
     def allocate_kv_cache(self, num_blocks):
         hf = self.config.hf
@@ -742,6 +771,7 @@ class ModelRunner:
         cfg = self.config
         lens = [cfg.max_model_len] * (cfg.max_num_batched_tokens // cfg.max_model_len)
         lens += [cfg.max_num_batched_tokens % cfg.max_model_len] if cfg.max_num_batched_tokens % cfg.max_model_len else []
+        self.max_graph_batch = 0
         self.allocate_kv_cache(sum(-(-n // self.block_size) for n in lens))
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -764,7 +794,7 @@ class ModelRunner:
         if logits is not None:
             b = logits.shape[0]
             sample(logits, torch.ones(b, device=self.device), torch.full((b,), 50, device=self.device),
-                   torch.full((b,), 0.9, device=self.device), [])
+                   torch.full((b,), 0.9, device=self.device))
         torch.cuda.synchronize()
         activations = torch.cuda.max_memory_allocated() - baseline
         del self.kv_cache, logits
@@ -808,18 +838,47 @@ class ModelRunner:
                         block_tables=self.to_device([t + [0] * (width - len(t)) for t in step["block_tables"]]),
                         max_seqlen_q=max(b - a for a, b in zip(step["cu_seqlens_q"], step["cu_seqlens_q"][1:])))
         input_ids, positions = self.to_device(step["input_ids"], torch.int64), self.to_device(step["positions"], torch.int64)
-        if meta.max_seqlen_q == 1 and len(step["input_ids"]) in self.graph_sizes():
+        if meta.max_seqlen_q == 1 and len(input_ids) <= self.max_graph_batch:
             hidden = self.replay(input_ids, positions, meta)
         else:
             hidden = self.model(input_ids, positions, meta)
         logits = self.model.compute_logits(hidden[self.to_device(step["logits_rows"], torch.int64)])
         return logits.float() if logits is not None else None
 
-    def graph_sizes(self):
-        return self.graphs
-
+    # ---- CUDA graphs: decode steps are replayed from graphs captured once per bucketed batch size
     def capture_cudagraph(self):
-        pass
+        cfg = self.config
+        max_bs = min(cfg.max_num_seqs, 512)
+        self.graph_batch_sizes = sorted({b for b in [1, 2, 4, 8, *range(16, max_bs + 16, 16)] if b < max_bs} | {max_bs})
+        width = -(-cfg.max_model_len // self.block_size)
+        with self.device:  # static buffers: a replay reads its inputs from these and writes `hidden`
+            self.graph_vars = v = dict(
+                input_ids=torch.zeros(max_bs, dtype=torch.int64), positions=torch.zeros(max_bs, dtype=torch.int64),
+                slot_mapping=torch.full((max_bs,), -1, dtype=torch.int32), cu_seqlens_q=torch.arange(max_bs + 1, dtype=torch.int32),
+                context_lens=torch.zeros(max_bs, dtype=torch.int32), block_tables=torch.zeros(max_bs, width, dtype=torch.int32),
+                hidden=torch.zeros(max_bs, cfg.hf.hidden_size, dtype=cfg.torch_dtype))
+        pool = None
+        for bs in reversed(self.graph_batch_sizes):  # largest first, so smaller graphs reuse its memory pool
+            meta = AttnMeta(v["slot_mapping"][:bs], v["cu_seqlens_q"][:bs + 1], v["context_lens"][:bs],
+                            v["block_tables"][:bs], max_seqlen_q=1)
+            v["hidden"][:bs] = self.model(v["input_ids"][:bs], v["positions"][:bs], meta)  # warm-up (Triton compile)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool):
+                v["hidden"][:bs] = self.model(v["input_ids"][:bs], v["positions"][:bs], meta)
+            pool = graph.pool()
+            self.graphs[bs] = graph
+            torch.cuda.synchronize()
+        self.max_graph_batch = max_bs
+
+    def replay(self, input_ids, positions, meta):
+        bs, v = len(input_ids), self.graph_vars
+        graph_bs = next(b for b in self.graph_batch_sizes if b >= bs)
+        v["input_ids"][:bs], v["positions"][:bs] = input_ids, positions
+        v["slot_mapping"].fill_(-1)[:bs] = meta.slot_mapping   # padding rows write nothing...
+        v["context_lens"].zero_()[:bs] = meta.context_lens     # ...and attend to nothing
+        v["block_tables"][:bs, :meta.block_tables.shape[1]] = meta.block_tables
+        self.graphs[graph_bs].replay()
+        return v["hidden"][:bs]
 
 
 CPU_KV_CACHE_BYTES = 1 << 30
@@ -827,14 +886,68 @@ CUDA_GRAPH_RESERVE_BYTES = 256 << 20
 
 
 # -----------------------------------------------------------------------------
+# Tensor-parallel launcher
+# LLM(tensor_parallel_size=N) starts ranks 1..N-1 with torch.multiprocessing (spawn). They meet rank 0
+# through a FileStore in a fresh temporary file (no port, no shared-memory name: engines never collide),
+# build their shard of the model and run ModelRunner.loop(). The model's collectives use NCCL on GPUs and
+# gloo on CPUs; commands travel on a gloo group. A worker that fails puts its traceback on a queue and
+# exits; rank 0 then fails its next collective, ends every worker and raises that traceback.
+
+def init_workers(config):
+    import multiprocessing as mp
+    import tempfile
+    ctx = mp.get_context("spawn")
+    store = tempfile.NamedTemporaryFile(prefix="nanollm-rendezvous-", delete=False).name
+    errors = ctx.SimpleQueue()
+    workers = [ctx.Process(target=worker_main, args=(config, rank, store, errors), daemon=True)
+               for rank in range(1, config.tensor_parallel_size)]
+    for w in workers:
+        w.start()
+    try:
+        tp = init_process_group(config, 0, f"file://{store}")
+    finally:
+        os.unlink(store)  # every rank has opened it by now (or failed)
+    return tp, workers, errors
+
+
+def init_process_group(config, rank, init_method):
+    backend = "nccl" if config.device == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=init_method, world_size=config.tensor_parallel_size, rank=rank)
+    control = dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo")
+    return Parallel(rank, config.tensor_parallel_size, dist.group.WORLD, control)
+
+
+def worker_main(config, rank, store, errors):
+    import signal
+    import traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle; it ends the workers
+    try:
+        ModelRunner(config, init_process_group(config, rank, f"file://{store}")).loop()
+        dist.destroy_process_group()
+    except BaseException:
+        errors.put(f"tensor-parallel rank {rank} failed:\n{traceback.format_exc()}")
+        os._exit(1)
+
+
+# -----------------------------------------------------------------------------
 # LLM: the API. generate() is a loop over the step-level engine: add_request(), step(), is_finished().
 
 class LLM:
-    def __init__(self, model, **kwargs):
+    def __init__(self, model, parallel=None, **kwargs):
+        # parallel: this process's tensor-parallel group when the caller made it (torchrun); otherwise
+        # tensor_parallel_size > 1 spawns the other ranks here
         self.config = config = Config(model, **kwargs)
         from transformers import AutoTokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(model)
-        self.runner = ModelRunner(config)
+        self.runner, self.requests, self.workers, self.errors = None, {}, [], None
+        if parallel is None and config.tensor_parallel_size > 1:
+            parallel, self.workers, self.errors = init_workers(config)
+        try:
+            self.runner = ModelRunner(config, parallel or Parallel())
+        except BaseException as e:
+            self.exit(e)
         self.num_kvcache_blocks = self.runner.num_kvcache_blocks
         self.block_manager = BlockManager(self.num_kvcache_blocks, config.kvcache_block_size,
                                           config.enable_prefix_caching)
@@ -843,7 +956,10 @@ class LLM:
         self.scheduler = Scheduler(config, self.block_manager, self.eos_token_ids)
         self.requests = {}  # request_id -> Sequence, until finished
         self.next_request_id = 0
-        self.stats = dict(prompt_tokens=0, cached_prompt_tokens=0, generated_tokens=0, preemptions=0, steps=0)
+        # counters since start: tokens computed in prefill and decode steps, prompt tokens served by the
+        # prefix cache, sequences preempted, engine steps
+        self.stats = dict(prompt_tokens=0, cached_prompt_tokens=0, prefill_tokens=0, decode_tokens=0,
+                          preemptions=0, steps=0)
 
     def __enter__(self):
         return self
@@ -851,9 +967,40 @@ class LLM:
     def __exit__(self, *exc):
         self.exit()
 
-    def exit(self):
+    def exit(self, failure=None):
+        # end every rank; with a failure (an exception on rank 0's side), raise the workers' own error
+        if self.runner is not None and self.runner.tp.size > 1 and failure is None:
+            self.runner.call("exit")
         self.runner = None
         self.requests.clear()
+        for w in self.workers:
+            w.join(timeout=5 if failure is None else 0.5)
+            if w.is_alive():
+                w.terminate()
+                w.join()
+        worker_error = None if self.errors is None or self.errors.empty() else self.errors.get()
+        if self.workers and dist.is_initialized():
+            dist.destroy_process_group()
+        self.workers = []
+        if worker_error:
+            raise RuntimeError(worker_error) from failure
+        if failure is not None:
+            raise failure
+
+    def call(self, method, *args):  # on every rank; a failure anywhere ends the engine
+        if self.runner is None:
+            raise RuntimeError("this LLM has exited")
+        try:
+            return self.runner.call(method, *args)
+        except Exception as e:
+            if not self.workers:
+                raise
+            self.exit(e)
+
+    def collective_rpc(self, fn, *args):
+        # run fn(model_runner, *args) on every tensor-parallel rank: for experiments (inspect a shard,
+        # swap weights); returns the ranks' results in rank order
+        return self.call("rpc", fn, args)
 
     # ---- requests
     def make_sequence(self, prompt, params):
@@ -867,6 +1014,8 @@ class LLM:
         else:
             raise TypeError("a prompt is a string or a list of token ids")
         cfg = self.config
+        if self.runner is None:
+            raise RuntimeError("this LLM has exited")
         if not token_ids:
             raise ValueError("empty prompt: at least one token is needed")
         bad = [t for t in token_ids if not 0 <= t < cfg.hf.vocab_size]
@@ -910,11 +1059,11 @@ class LLM:
 
     # ---- one step of the engine: schedule, run the model, sample, update the sequences
     def step(self):
-        # -> the sequences that got a new token (finished ones included) and the number of tokens computed
+        # -> the sequences that got a new token (finished ones included)
         batch, is_prefill = self.scheduler.schedule()
         if not batch:
-            return [], 0
-        logits = self.runner.run(self.runner.prepare(batch))
+            return []
+        logits = self.call("run", self.runner.prepare(batch))
         done = [seq for seq in batch if seq.num_computed_tokens + seq.num_scheduled_tokens == len(seq)]
         sampled = self.sample(done, logits) if done else []
         self.scheduler.postprocess(batch, sampled)
@@ -924,10 +1073,10 @@ class LLM:
         for seq in done:
             if seq.is_finished:
                 self.requests.pop(seq.request_id, None)
-        self.stats["generated_tokens"] += len(done)
+        self.stats["prefill_tokens" if is_prefill else "decode_tokens"] += sum(s.num_scheduled_tokens for s in batch)
         self.stats["preemptions"] = self.scheduler.num_preemptions
         self.stats["steps"] += 1
-        return done, sum(seq.num_scheduled_tokens for seq in batch) if is_prefill else len(batch)
+        return done
 
     def sample(self, seqs, logits):
         device = logits.device
@@ -939,12 +1088,14 @@ class LLM:
                 if seq.generator is None:
                     seq.generator = torch.Generator(device).manual_seed(seq.params.seed)
                 seeded.append((row, seq.generator))
-        ids = sample(logits, self.runner.to_device([p.temperature for p in params], torch.float32),
-                     self.runner.to_device([p.top_k if p.top_k > 0 else vocab for p in params], torch.int64),
-                     self.runner.to_device([p.top_p for p in params], torch.float32), seeded)
+        top_k = top_p = None
+        if any(p.top_k > 0 or p.top_p < 1 for p in params):
+            top_k = self.runner.to_device([p.top_k if p.top_k > 0 else vocab for p in params], torch.int64)
+            top_p = self.runner.to_device([p.top_p for p in params], torch.float32)
+        ids = sample(logits, self.runner.to_device([p.temperature for p in params], torch.float32), top_k, top_p, seeded)
         return ids.tolist()  # the one host synchronisation per step
 
-    # ---- offline generation
+    # ---- offline generation and streaming: loops over step()
     def generate(self, prompts, sampling_params=None, use_tqdm=True):
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             raise TypeError("prompts is a list of strings or a list of token-id lists")
@@ -955,23 +1106,58 @@ class LLM:
         else:
             params = [params] * len(prompts)
         seqs = [self.make_sequence(p, sp) for p, sp in zip(prompts, params)]  # all checked before any runs
+        self.run(seqs, use_tqdm)
+        return [self.result(seq) for seq in seqs]
+
+    def result(self, seq):
+        return dict(text=self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True),
+                    token_ids=seq.completion_token_ids, finish_reason=seq.finish_reason)
+
+    def run(self, seqs, use_tqdm=True, on_finish=None):
+        # step until all of seqs finish, showing done/total and the latest prefill and decode rates
         from tqdm.auto import tqdm
         bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
+        mine, rates, num_finished = {seq.request_id for seq in seqs}, {}, 0
         try:
             for seq in seqs:
                 self.enqueue(seq)
-            while not all(seq.is_finished for seq in seqs):
-                t = time.perf_counter()
-                done, num_tokens = self.step()
-                kind = "prefill" if any(s.num_scheduled_tokens > 1 for s in done) or not done else "decode"
-                bar.set_postfix_str(f"{kind} {num_tokens / (time.perf_counter() - t):.0f} tok/s", refresh=False)
-                bar.update(sum(seq.is_finished for seq in done))
+            while num_finished < len(seqs):
+                t, before = time.perf_counter(), (self.stats["prefill_tokens"], self.stats["decode_tokens"])
+                for seq in self.step():
+                    if seq.is_finished and seq.request_id in mine:
+                        num_finished += 1
+                        bar.update(1)
+                        if on_finish:
+                            on_finish(seq)
+                prefill, decode = self.stats["prefill_tokens"] - before[0], self.stats["decode_tokens"] - before[1]
+                rates["prefill" if prefill else "decode"] = (prefill or decode) / (time.perf_counter() - t)
+                bar.set_postfix_str(", ".join(f"{k} {v:,.0f} tok/s" for k, v in rates.items()), refresh=False)
         finally:
             bar.close()
             for seq in seqs:  # after an interruption: drop what is left, the engine stays usable
                 self.abort(seq.request_id)
-        return [dict(text=self.tokenizer.decode(s.completion_token_ids, skip_special_tokens=True),
-                     token_ids=s.completion_token_ids, finish_reason=s.finish_reason) for s in seqs]
+
+    def stream(self, prompt, sampling_params=None):
+        # yields text increments as tokens are decoded; other streams and generate() share the step loop
+        seq = self.make_sequence(prompt, sampling_params or SamplingParams())
+        self.enqueue(seq)
+
+        def pieces():
+            sent = ""
+            try:
+                while True:
+                    text = self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True)
+                    # hold back a split multi-byte character (decoded as U+FFFD) until it is whole
+                    if seq.is_finished or (len(text) > len(sent) and not text.endswith("\ufffd")):
+                        if text[len(sent):]:
+                            yield text[len(sent):]
+                        sent = text
+                    if seq.is_finished:
+                        return
+                    self.step()
+            finally:
+                self.abort(seq.request_id)
+        return pieces()
 
 
 # -----------------------------------------------------------------------------

@@ -301,7 +301,7 @@ def test_step_level_api(checkpoints, hf_models):
     ids = [llm.add_request(p, GREEDY) for p in prompts]
     tokens = {i: [] for i in ids}
     while not llm.is_finished():
-        for seq in llm.step()[0]:
+        for seq in llm.step():
             tokens[seq.request_id].append(seq.token_ids[-1])
     assert [tokens[i] for i in ids] == [hf_greedy(hf_models["gqa2-untied"], p, 12) for p in prompts]
 
