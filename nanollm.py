@@ -24,6 +24,7 @@ Use it:
   print(outs[0]["text"])
 """
 import argparse
+import functools
 import glob
 import json
 import math
@@ -40,11 +41,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-try:  # Triton is needed on the GPU path only; the CPU path is plain torch
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
+import triton
+import triton.language as tl
 
 
 # -----------------------------------------------------------------------------
@@ -445,6 +443,246 @@ def paged_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, b
         future = torch.arange(ctx, device=q.device)[None, :] > (ctx - n + torch.arange(n, device=q.device))[:, None]
         scores.masked_fill_(future, float("-inf"))
         out[cu[i]:cu[i + 1]] = torch.einsum("hnk,khd->nhd", scores.softmax(-1), v).to(q.dtype)
+    return out
+
+
+# ---- Triton kernels: the fast path on GPUs. Tiles are upcast to fp32 after loading (accumulation is
+# fp32 anyway, and Triton's CPU interpreter, used by the tests, mishandles bf16 arithmetic).
+LOG2_E = 1.4426950408889634  # softmax runs in base 2: exp(x) = exp2(x * log2(e))
+
+
+def _dot_precision(dtype):
+    # Tiles are upcast to fp32 after loading. fp32 inputs must multiply exactly ("ieee");
+    # fp16/bf16 values fit exactly in tf32, so tensor cores can take them there.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# ---- store_kvcache
+
+@triton.jit
+def _store_kvcache_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+                          key_stride, value_stride, ROW_SIZE: tl.constexpr, ROW_PAD: tl.constexpr):
+    # grid: (num_tokens,). Each program copies one token's K and V row, a flat tile of
+    # num_kv_heads * head_dim (= ROW_SIZE, padded to the power of two ROW_PAD) elements.
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot < 0:  # slot -1 marks a padding token: write nothing
+        return
+    offs = tl.arange(0, ROW_PAD)
+    mask = offs < ROW_SIZE
+    key = tl.load(key_ptr + token * key_stride + offs, mask=mask)
+    value = tl.load(value_ptr + token * value_stride + offs, mask=mask)
+    tl.store(k_cache_ptr + slot * ROW_SIZE + offs, key, mask=mask)
+    tl.store(v_cache_ptr + slot * ROW_SIZE + offs, value, mask=mask)
+
+
+def store_kvcache(key, value, k_cache, v_cache, slot_mapping):
+    num_tokens, num_kv_heads, head_dim = key.shape
+    row_size = num_kv_heads * head_dim
+    # rows may be strided (slices of a packed qkv tensor), but each row must be contiguous
+    assert key.stride(2) == value.stride(2) == 1 and key.stride(1) == value.stride(1) == head_dim
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.stride(1) == row_size
+    if num_tokens == 0:
+        return
+    _store_kvcache_kernel[(num_tokens,)](
+        key, value, k_cache, v_cache, slot_mapping, key.stride(0), value.stride(0),
+        ROW_SIZE=row_size, ROW_PAD=triton.next_power_of_2(row_size))
+
+
+# ---- shared attention pieces
+
+@triton.jit
+def _load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_ptr, kv_pos, kv_mask, kv_head,
+                  BLOCK_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    # kv_pos: (BLOCK_N,) positions in the sequence -> K and V tiles (BLOCK_N, HEAD_DIM) in fp32.
+    # Each position looks up its own block id, so a tile may span several cache blocks.
+    block_id = tl.load(block_table_ptr + kv_pos // BLOCK_SIZE, mask=kv_mask, other=0).to(tl.int64)
+    slot = block_id * BLOCK_SIZE + kv_pos % BLOCK_SIZE
+    offs = (slot * NUM_KV_HEADS + kv_head)[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+    k = tl.load(k_cache_ptr + offs, mask=kv_mask[:, None], other=0.0).to(tl.float32)
+    v = tl.load(v_cache_ptr + offs, mask=kv_mask[:, None], other=0.0).to(tl.float32)
+    return k, v
+
+
+@triton.jit
+def _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, PRECISION: tl.constexpr):
+    # q: (M, D), k/v: (N, D), allowed: (M, N) or (1, N). Running row max m_i (M,) and
+    # row sum l_i (M,) are in base-2 units; acc (M, D) is the unnormalised output.
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))  # m_i starts at -1e30, so m_new stays finite
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old max
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+# ---- prefill attention
+
+@triton.jit
+def _prefill_attention_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, context_lens_ptr, block_tables_ptr,
+        qk_scale, q_stride_token, q_stride_head, block_tables_stride,
+        NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    # grid: (cdiv(max_seqlen_q, BLOCK_M), num_heads, batch). Each program owns a (BLOCK_M, HEAD_DIM)
+    # tile of one head's queries of one sequence and streams (BLOCK_N, HEAD_DIM) K/V tiles.
+    tile, head, seq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    if tile * BLOCK_M >= q_len:  # this sequence has fewer query tiles than the longest one
+        return
+    context_len = tl.load(context_lens_ptr + seq)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < q_len
+    dims = tl.arange(0, HEAD_DIM)
+    # the queries are the last q_len positions of the context; each sees keys 0..its position
+    q_pos = context_len - q_len + rows
+    q_offs = (q_start + rows).to(tl.int64)[:, None] * q_stride_token + head * q_stride_head + dims[None, :]
+    q = tl.load(q_ptr + q_offs, mask=row_mask[:, None], other=0.0).to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], -1e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    kv_head = head // (NUM_HEADS // NUM_KV_HEADS)
+    block_table_ptr = block_tables_ptr + seq.to(tl.int64) * block_tables_stride
+    kv_end = context_len - q_len + tl.minimum(tile * BLOCK_M + BLOCK_M, q_len)  # causal limit of the tile
+    for kv_start in range(0, kv_end, BLOCK_N):
+        kv_pos = kv_start + tl.arange(0, BLOCK_N)
+        kv_mask = kv_pos < kv_end
+        k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_ptr, kv_pos, kv_mask, kv_head,
+                             BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+        allowed = (kv_pos[None, :] <= q_pos[:, None]) & kv_mask[None, :]
+        m_i, l_i, acc = _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, PRECISION)
+
+    out_offs = (q_start + rows).to(tl.int64)[:, None] * (NUM_HEADS * HEAD_DIM) + head * HEAD_DIM + dims[None, :]
+    tl.store(out_ptr + out_offs, acc / l_i[:, None], mask=row_mask[:, None])
+
+
+def prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q,
+                      out=None):
+    num_tokens, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
+    assert out.is_contiguous()
+    batch = cu_seqlens_q.numel() - 1
+    # fp32 runs its dots on CUDA cores and holds twice the bytes per tile: smaller tiles avoid spills
+    block_m, block_n = (32, 32) if q.dtype == torch.float32 else (64, 64)
+    block_m = 16 if max_seqlen_q <= 16 else block_m  # short chunks (e.g. prefix-cache hits)
+    grid = (triton.cdiv(max_seqlen_q, block_m), num_heads, batch)
+    _prefill_attention_kernel[grid](
+        q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables,
+        scale * LOG2_E, q.stride(0), q.stride(1), block_tables.stride(0),
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_dot_precision(q.dtype), num_warps=4 if head_dim <= 64 else 8)
+    return out
+
+
+# ---- decode attention (flash-decoding)
+
+@triton.jit
+def _decode_attention_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, context_lens_ptr,
+        block_tables_ptr, qk_scale, q_stride_seq, q_stride_head, block_tables_stride,
+        NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr,
+        GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr):
+    # grid: (batch, num_kv_heads, NUM_SPLITS), fixed whatever the context lengths (CUDA-graph safe).
+    # The GROUP query heads sharing a kv head form one (GROUP_PAD, HEAD_DIM) tile (padding rows
+    # masked), so each (BLOCK_N, HEAD_DIM) K/V tile is read once for all of them.
+    seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    context_len = tl.load(context_lens_ptr + seq)
+    # deal the sequence's KV tiles out evenly; trailing splits may get none and then write l = 0
+    num_tiles = tl.cdiv(context_len, BLOCK_N)
+    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    tile_start = split * tiles_per_split
+    tile_end = tl.minimum(tile_start + tiles_per_split, num_tiles)
+
+    group_idx = tl.arange(0, GROUP_PAD)
+    head_mask = group_idx < GROUP
+    heads = kv_head * GROUP + group_idx
+    dims = tl.arange(0, HEAD_DIM)
+    q_offs = seq.to(tl.int64) * q_stride_seq + heads[:, None] * q_stride_head + dims[None, :]
+    q = tl.load(q_ptr + q_offs, mask=head_mask[:, None], other=0.0).to(tl.float32)
+
+    m_i = tl.full([GROUP_PAD], -1e30, tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    block_table_ptr = block_tables_ptr + seq.to(tl.int64) * block_tables_stride
+    for tile in range(tile_start, tile_end):
+        kv_pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        kv_mask = kv_pos < context_len
+        k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_ptr, kv_pos, kv_mask, kv_head,
+                             BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+        m_i, l_i, acc = _online_softmax_step(q, k, v, kv_mask[None, :], m_i, l_i, acc, qk_scale, PRECISION)
+
+    # partials are laid out (batch, num_heads, NUM_SPLITS[, HEAD_DIM])
+    part = (seq * NUM_KV_HEADS * GROUP + heads) * NUM_SPLITS + split
+    tl.store(part_m_ptr + part, m_i, mask=head_mask)
+    tl.store(part_l_ptr + part, l_i, mask=head_mask)
+    tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=head_mask[:, None])
+
+
+@triton.jit
+def _decode_reduce_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr,
+                          NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+    # grid: (batch * num_heads,). Merges one row's partial softmaxes, a (SPLITS_PAD, HEAD_DIM) tile.
+    row = tl.program_id(0)
+    splits = tl.arange(0, SPLITS_PAD)
+    split_mask = splits < NUM_SPLITS
+    dims = tl.arange(0, HEAD_DIM)
+    m = tl.load(part_m_ptr + row * NUM_SPLITS + splits, mask=split_mask, other=float("-inf"))
+    l = tl.load(part_l_ptr + row * NUM_SPLITS + splits, mask=split_mask, other=0.0)
+    acc = tl.load(part_acc_ptr + (row * NUM_SPLITS + splits)[:, None] * HEAD_DIM + dims[None, :],
+                  mask=split_mask[:, None], other=0.0)
+    weight = tl.exp2(m - tl.max(m, axis=0))  # bring every split to the common max
+    total = tl.sum(l * weight, axis=0)
+    out = tl.sum(acc * weight[:, None], axis=0)
+    # context_len == 0 (padding row): every split is empty, acc is 0 and so is the output
+    out = out / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + row * HEAD_DIM + dims, out)
+
+
+@functools.cache
+def _num_sms():
+    return torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
+
+
+def decode_block_n(head_dim, dtype):
+    # K/V tiles of 8K elements (4K in fp32, to avoid spills): 64 x 128 for bf16 at head_dim 128
+    return max(16, min(128, (4096 if dtype == torch.float32 else 8192) // head_dim))
+
+
+def decode_num_splits(batch, num_kv_heads, max_blocks_per_seq, block_size, block_n):
+    # From host-side shapes only: about two waves of programs over the SMs, but no more splits
+    # than the table's capacity has KV tiles, and at most 32 (the reduce reads them all).
+    max_tiles = triton.cdiv(max_blocks_per_seq * block_size, block_n)
+    return max(1, min(triton.cdiv(2 * _num_sms(), batch * num_kv_heads), max_tiles, 32))
+
+
+def decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale, num_splits=None, out=None):
+    batch, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    group = num_heads // num_kv_heads
+    block_n = decode_block_n(head_dim, q.dtype)
+    if num_splits is None:
+        num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1], block_size, block_n)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
+    assert out.is_contiguous()
+    part_m = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
+    part_l = torch.empty_like(part_m)
+    part_acc = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+    _decode_attention_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, part_m, part_l, part_acc, context_lens, block_tables,
+        scale * LOG2_E, q.stride(0), q.stride(1), block_tables.stride(0),
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        PRECISION=_dot_precision(q.dtype), num_warps=4)
+    _decode_reduce_kernel[(batch * num_heads,)](
+        part_m, part_l, part_acc, out, NUM_SPLITS=num_splits,
+        SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim)
     return out
 
 

@@ -8,8 +8,16 @@ import shutil
 import pytest
 import torch
 
-import nanollm
-from nanollm import LLM, BlockManager, SamplingParams, Sequence, build_random_checkpoint
+if not torch.cuda.is_available():  # the Triton kernels run on the CPU through Triton's interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+import triton  # noqa: E402
+
+import nanollm  # noqa: E402
+from nanollm import (LLM, BlockManager, SamplingParams, Sequence, build_random_checkpoint,  # noqa: E402
+                     decode_attention, paged_attention_reference, prefill_attention, store_kvcache,
+                     store_kvcache_reference)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -310,3 +318,188 @@ def test_cli_demo_runs_offline(capsys):
     nanollm.main(["--max-tokens", "5", "--temperature", "0", "--prompt", "hi", "--chat"])
     out = capsys.readouterr().out
     assert "RANDOM weights" in out and "Completion:" in out
+
+
+# ---------------------------------------------------------------- Triton kernels against the torch reference
+# On a CPU these run through TRITON_INTERPRET=1 at tiny shapes; on a GPU the same tests run compiled.
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}  # relative L2 error
+
+
+def rel_error(out, ref):
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def make_paged_cache(context_lens, block_size, num_kv_heads, head_dim, dtype, spare_blocks=3):
+    # Random K/V for each sequence's tokens in randomly permuted blocks; every other slot is NaN and
+    # unused block-table entries are -1, so a read outside a sequence's own tokens poisons the output.
+    ctx = torch.tensor(context_lens, dtype=torch.int64)
+    blocks_per_seq = (ctx + block_size - 1) // block_size
+    num_blocks = int(blocks_per_seq.sum()) + spare_blocks
+    used = torch.arange(int(blocks_per_seq.max()) + 1)[None, :] < blocks_per_seq[:, None]
+    block_tables = torch.full(used.shape, -1, dtype=torch.int64)
+    block_tables[used] = torch.randperm(num_blocks)[:int(blocks_per_seq.sum())]
+    pos = torch.arange(int(ctx.max()))
+    slots = (block_tables.gather(1, (pos // block_size)[None, :].expand(len(ctx), -1)) * block_size
+             + pos % block_size)[pos[None, :] < ctx[:, None]].to(DEVICE)
+    caches = []
+    for _ in range(2):
+        cache = torch.full((num_blocks, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
+        cache.view(-1, num_kv_heads, head_dim)[slots] = torch.randn(len(slots), num_kv_heads, head_dim, device=DEVICE).to(dtype)
+        caches.append(cache)
+    return caches[0], caches[1], block_tables.to(torch.int32).to(DEVICE)
+
+
+# (dtype, head_dim, group, block_size): every dtype meets every head_dim, group and block size
+ATTENTION_CASES = [
+    (torch.float32, 16, 1, 16), (torch.float32, 64, 2, 32), (torch.float32, 128, 4, 16),
+    (torch.float32, 32, 8, 256),
+    (torch.float16, 16, 8, 32), (torch.float16, 64, 1, 16), (torch.float16, 128, 2, 32),
+    (torch.bfloat16, 16, 4, 16), (torch.bfloat16, 64, 8, 32), (torch.bfloat16, 128, 2, 16),
+    (torch.bfloat16, 64, 2, 256),
+]
+
+
+def case_id(case):
+    return f"{str(case[0])[6:]}-d{case[1]}-g{case[2]}-bs{case[3]}"
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=case_id)
+def test_prefill_attention(case):
+    dtype, head_dim, group, block_size = case
+    rng = random.Random(str(case))
+    torch.manual_seed(rng.randrange(2**31))
+    num_kv_heads = 1 if group == 8 else 2
+    num_heads = num_kv_heads * group
+    # (prefix, q_len): fresh prompt ending on a block edge, prefix-cache hit, chunk spanning q tiles
+    bs_tokens = min(block_size, 32)
+    prefixes = [0, block_size, rng.randrange(0, 3 * block_size)]
+    q_lens = [bs_tokens, rng.randrange(1, 40), rng.randrange(65, 80)]
+    context_lens = [p + n for p, n in zip(prefixes, q_lens)]
+    k_cache, v_cache, block_tables = make_paged_cache(context_lens, block_size, num_kv_heads, head_dim, dtype)
+    cu_seqlens_q = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(DEVICE)
+    # q as a strided slice of a packed qkv tensor, like the engine's
+    qkv = torch.randn(sum(q_lens), num_heads + 2 * num_kv_heads, head_dim, dtype=dtype, device=DEVICE)
+    q = qkv[:, :num_heads]
+    context_lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
+    scale = head_dim ** -0.5
+    out = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)
+    prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max(q_lens), out=out)
+    ref = paged_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
+    assert rel_error(out, ref) < TOLERANCE[dtype]
+
+
+def make_decode_inputs(dtype, head_dim, group, block_size, seed):
+    rng = random.Random(seed)
+    torch.manual_seed(rng.randrange(2**31))
+    num_kv_heads = 1 if group == 8 else 2
+    # a padding row (0), on and off block edges, and a few blocks long
+    context_lens = [0, block_size, rng.randrange(1, block_size), rng.randrange(2 * block_size, 5 * block_size)]
+    k_cache, v_cache, block_tables = make_paged_cache(context_lens, block_size, num_kv_heads, head_dim, dtype)
+    q = torch.randn(len(context_lens), num_kv_heads * group, head_dim, dtype=dtype, device=DEVICE)
+    return q, k_cache, v_cache, torch.tensor(context_lens, dtype=torch.int32, device=DEVICE), block_tables
+
+
+def decode_reference(q, k_cache, v_cache, context_lens, block_tables, scale):
+    cu_seqlens_q = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=DEVICE)
+    return paged_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=case_id)
+def test_decode_attention(case):
+    dtype, head_dim, group, block_size = case
+    q, k_cache, v_cache, context_lens, block_tables = make_decode_inputs(*case, seed=case_id(case))
+    scale = head_dim ** -0.5
+    out = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)
+    decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale, out=out)
+    ref = decode_reference(q, k_cache, v_cache, context_lens, block_tables, scale)
+    assert torch.all(out[0] == 0)  # context_len 0 -> zeros
+    assert rel_error(out, ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_decode_num_splits_invariant(dtype):
+    q, k_cache, v_cache, context_lens, block_tables = make_decode_inputs(dtype, 32, 2, 16, seed="splits")
+    scale = 32 ** -0.5
+    ref = decode_reference(q, k_cache, v_cache, context_lens, block_tables, scale)
+    outs = []
+    for num_splits in [1, 2, 3, 8]:  # 8 splits leaves some splits with no KV tiles at all
+        out = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)
+        decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale, num_splits=num_splits, out=out)
+        assert rel_error(out, ref) < TOLERANCE[dtype]
+        outs.append(out.float())
+    for out in outs[1:]:
+        assert rel_error(out, outs[0]) < TOLERANCE[dtype] / 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_store_kvcache(dtype):
+    torch.manual_seed(0)
+    num_tokens, num_heads, num_kv_heads, head_dim = 37, 4, 2, 64
+    # key / value are strided slices of a packed qkv tensor
+    qkv = torch.randn(num_tokens, num_heads + 2 * num_kv_heads, head_dim, dtype=dtype, device=DEVICE)
+    key, value = qkv[:, num_heads:num_heads + num_kv_heads], qkv[:, num_heads + num_kv_heads:]
+    slot_mapping = torch.randperm(8 * 16)[:num_tokens].to(torch.int32)
+    slot_mapping[::5] = -1  # CUDA-graph padding rows
+    slot_mapping = slot_mapping.to(DEVICE)
+    k_cache = torch.randn(8, 16, num_kv_heads, head_dim, dtype=dtype, device=DEVICE)
+    v_cache = torch.randn_like(k_cache)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    store_kvcache(key, value, k_cache, v_cache, slot_mapping)
+    store_kvcache_reference(key, value, k_ref, v_ref, slot_mapping)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("block_size", [16, 256])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_kernels_at_real_shapes(dtype, block_size, head_dim):
+    # GQA 1/2/4/8, batch 1 to 256, contexts to 2k on and off block edges, prefixes 0 to several blocks
+    rng = random.Random(f"{dtype}{block_size}{head_dim}")
+    torch.manual_seed(rng.randrange(2**31))
+    scale, num_kv_heads = head_dim ** -0.5, 4
+    for group, batch in zip([1, 2, 4, 8], [1, 7, 64, 256]):
+        ctx = [0] + [rng.choice([rng.randrange(1, 2048), rng.randrange(1, 8) * block_size]) for _ in range(batch - 1)]
+        k_cache, v_cache, tables = make_paged_cache(ctx, block_size, num_kv_heads, head_dim, dtype)
+        q = torch.randn(batch, num_kv_heads * group, head_dim, device=DEVICE).to(dtype)
+        lens = torch.tensor(ctx, dtype=torch.int32, device=DEVICE)
+        out = decode_attention(q, k_cache, v_cache, lens, tables, scale)
+        ref = paged_attention_reference(q, k_cache, v_cache, torch.arange(batch + 1, dtype=torch.int32, device=DEVICE),
+                                        lens, tables, scale)
+        assert torch.all(out[0] == 0) and rel_error(out, ref.float()) < TOLERANCE[dtype]
+        q_lens = [rng.randrange(1, 600) for _ in range(min(batch, 16))]
+        ctx = [n + rng.choice([0, block_size, rng.randrange(0, 1024)]) for n in q_lens]
+        k_cache, v_cache, tables = make_paged_cache(ctx, block_size, num_kv_heads, head_dim, dtype)
+        q = torch.randn(sum(q_lens), num_kv_heads * group, head_dim, device=DEVICE).to(dtype)
+        cu = torch.tensor([0] + q_lens, device=DEVICE).cumsum(0).to(torch.int32)
+        lens = torch.tensor(ctx, dtype=torch.int32, device=DEVICE)
+        out = prefill_attention(q, k_cache, v_cache, cu, lens, tables, scale, max(q_lens))
+        ref = paged_attention_reference(q, k_cache, v_cache, cu, lens, tables, scale)
+        assert rel_error(out, ref.float()) < TOLERANCE[dtype]
+
+
+@cuda
+def test_gpu_end_to_end_fp32_with_cuda_graphs(checkpoints, hf_models):
+    # fp32 on the GPU, Triton kernels and CUDA graphs on: greedy tokens equal HF's, with a prefix-cache
+    # hit and preemption in the same run
+    name = "gqa4-tied"
+    prefix = random_prompts([40], seed=12)[0]
+    prompts = random_prompts([1, 15, 16, 17, 33, 70], seed=13) + [prefix + [1], prefix + [2, 3]]
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    llm = LLM(checkpoints[name], device="cuda", dtype="float32", kvcache_block_size=16, num_kvcache_blocks=14)
+    assert llm.runner.graphs  # decode replays CUDA graphs
+    llm.generate([prefix], params, use_tqdm=False)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert llm.stats["preemptions"] > 0 and llm.stats["cached_prompt_tokens"] >= 2 * 32
+    for prompt, out in zip(prompts, outs):
+        assert out["token_ids"] == hf_greedy(hf_models[name], prompt, params.max_tokens)
+    assert_all_blocks_free(llm)
+
+
+@cuda
+def test_gpu_kv_cache_sized_from_memory(checkpoints):
+    llm = LLM(checkpoints["gqa2-untied"], device="cuda", gpu_memory_utilization=0.5)
+    free, total = torch.cuda.mem_get_info()
+    assert llm.num_kvcache_blocks * llm.runner.block_bytes <= 0.5 * total
+    assert llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0]["token_ids"]
