@@ -460,14 +460,15 @@ def test_kernels_at_real_shapes(dtype, block_size, head_dim):
     torch.manual_seed(rng.randrange(2**31))
     scale, num_kv_heads = head_dim ** -0.5, 4
     for group, batch in zip([1, 2, 4, 8], [1, 7, 64, 256]):
-        ctx = [0] + [rng.choice([rng.randrange(1, 2048), rng.randrange(1, 8) * block_size]) for _ in range(batch - 1)]
+        ctx = [rng.choice([rng.randrange(1, 2048), rng.randrange(1, 8) * block_size]) for _ in range(batch)]
+        ctx[-1] = 0 if batch > 1 else ctx[-1]  # a CUDA-graph padding row
         k_cache, v_cache, tables = make_paged_cache(ctx, block_size, num_kv_heads, head_dim, dtype)
         q = torch.randn(batch, num_kv_heads * group, head_dim, device=DEVICE).to(dtype)
         lens = torch.tensor(ctx, dtype=torch.int32, device=DEVICE)
         out = decode_attention(q, k_cache, v_cache, lens, tables, scale)
         ref = paged_attention_reference(q, k_cache, v_cache, torch.arange(batch + 1, dtype=torch.int32, device=DEVICE),
                                         lens, tables, scale)
-        assert torch.all(out[0] == 0) and rel_error(out, ref.float()) < TOLERANCE[dtype]
+        assert (batch == 1 or torch.all(out[-1] == 0)) and rel_error(out, ref.float()) < TOLERANCE[dtype]
         q_lens = [rng.randrange(1, 600) for _ in range(min(batch, 16))]
         ctx = [n + rng.choice([0, block_size, rng.randrange(0, 1024)]) for n in q_lens]
         k_cache, v_cache, tables = make_paged_cache(ctx, block_size, num_kv_heads, head_dim, dtype)
