@@ -274,16 +274,40 @@ class ParallelLMHead(VocabParallelEmbedding):
         return logits[:, :self.vocab_size] if logits is not None else None
 
 
+def compiled_on_gpu(fn):
+    # torch.compile fuses a leaf function's elementwise ops into one kernel, which the decode CUDA graphs
+    # then replay (measured in the README's notes); CPU tensors take the plain function
+    compiled = torch.compile(fn, dynamic=True)
+    return functools.wraps(fn)(lambda x, *args: compiled(x, *args) if x.is_cuda else fn(x, *args))
+
+
+def rms_norm(x, weight, eps):  # normalise in fp32 like the reference, scale in the model's dtype
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def apply_rope(x, positions, cos_sin):  # x: (N, heads, head_dim); cos_sin: (max_position, head_dim) fp32
+    cos, sin = cos_sin[positions].unsqueeze(1).chunk(2, -1)  # rotate-half RoPE
+    x1, x2 = x.float().chunk(2, -1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
+
+
+def silu_and_mul(x):  # SwiGLU: x = [gate | up]
+    gate, up = x.chunk(2, -1)
+    return F.silu(gate) * up
+
+
+rms_norm, apply_rope, silu_and_mul = map(compiled_on_gpu, (rms_norm, apply_rope, silu_and_mul))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
-    def forward(self, x):  # normalise in fp32 like the reference, scale in the model's dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -295,9 +319,7 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], -1), persistent=False)
 
     def forward(self, positions, x):  # x: (N, heads, head_dim)
-        cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, -1)  # (N, 1, head_dim/2) each
-        x1, x2 = x.float().chunk(2, -1)
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
+        return apply_rope(x, positions, self.cos_sin)
 
 
 class Qwen3Attention(nn.Module):
@@ -328,8 +350,7 @@ class Qwen3MLP(nn.Module):
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, tp)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, -1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -920,8 +941,17 @@ class Scheduler:
 # Model runner: batch -> tensors -> forward (CUDA graph replay for decode) -> logits -> sampled tokens
 
 def sample(logits, temperature, top_k=None, top_p=None, seeded=()):
-    # logits: (B, V) fp32; temperature: (B,) float, 0 = greedy; top_k: (B,) int64 (V = all) and top_p: (B,)
+    # logits: (B, V); temperature: (B,) float, 0 = greedy; top_k: (B,) int64 (V = all) and top_p: (B,)
     # float, both None when no row filters; seeded: [(row, torch.Generator)] for requests with a seed.
+    # Exponential race: argmax(p / E) with E ~ Exp(1) draws index i with probability p_i.
+    noise = torch.empty(logits.shape, device=logits.device).exponential_()
+    for row, generator in seeded:
+        noise[row].exponential_(generator=generator)
+    return sample_with_noise(logits, temperature, top_k, top_p, noise)
+
+
+def sample_with_noise(logits, temperature, top_k, top_p, noise):
+    logits = logits.float()
     greedy = logits.argmax(-1)
     logits = logits / temperature.clamp(min=1e-6).unsqueeze(1)
     if top_k is not None:
@@ -933,13 +963,10 @@ def sample(logits, temperature, top_k=None, top_p=None, seeded=()):
         mass_before = probs.cumsum(-1) - probs  # probability of the better tokens
         sorted_logits.masked_fill_(mass_before >= top_p.unsqueeze(1), float("-inf"))
         logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    # exponential race: argmax(p / E) with E ~ Exp(1) draws index i with probability p_i
-    noise = torch.empty_like(probs).exponential_()
-    for row, generator in seeded:
-        noise[row].exponential_(generator=generator)
-    sampled = (probs / noise).argmax(-1)
-    return torch.where(temperature == 0, greedy, sampled)
+    return torch.where(temperature == 0, greedy, (logits.softmax(-1) / noise).argmax(-1))
+
+
+sample_with_noise = compiled_on_gpu(sample_with_noise)
 
 
 class ModelRunner:
@@ -1068,20 +1095,22 @@ class ModelRunner:
         return step
 
     @torch.inference_mode()
-    def run(self, step):  # -> (rows, vocab) fp32 logits on the group's first rank, None on the others
+    def run(self, step):  # -> (rows, vocab) logits on the group's first rank, None on the others
+        # one host-to-device copy for all the step's int32 inputs, then views of it
+        names = ["input_ids", "positions", "slot_mapping", "cu_seqlens_q", "context_lens", "logits_rows"]
         width = max(map(len, step["block_tables"]))
-        meta = AttnMeta(slot_mapping=self.to_device(step["slot_mapping"]),
-                        cu_seqlens_q=self.to_device(step["cu_seqlens_q"]),
-                        context_lens=self.to_device(step["context_lens"]),
-                        block_tables=self.to_device([t + [0] * (width - len(t)) for t in step["block_tables"]]),
-                        max_seqlen_q=max(b - a for a, b in zip(step["cu_seqlens_q"], step["cu_seqlens_q"][1:])))
-        input_ids, positions = self.to_device(step["input_ids"], torch.int64), self.to_device(step["positions"], torch.int64)
+        tables = [b for t in step["block_tables"] for b in t + [0] * (width - len(t))]
+        flat = self.to_device([x for name in names for x in step[name]] + tables)
+        input_ids, positions, slots, cu_seqlens_q, context_lens, rows, tables = flat.split(
+            [len(step[name]) for name in names] + [len(tables)])
+        cu = step["cu_seqlens_q"]
+        meta = AttnMeta(slots, cu_seqlens_q, context_lens, tables.view(-1, width),
+                        max_seqlen_q=max(b - a for a, b in zip(cu, cu[1:])))
         if meta.max_seqlen_q == 1 and len(input_ids) <= self.max_graph_batch:
             hidden = self.replay(input_ids, positions, meta)
         else:
             hidden = self.model(input_ids, positions, meta)
-        logits = self.model.compute_logits(hidden[self.to_device(step["logits_rows"], torch.int64)])
-        return logits.float() if logits is not None else None
+        return self.model.compute_logits(hidden[rows])
 
     # ---- CUDA graphs: decode steps are replayed from graphs captured once per bucketed batch size
     def capture_cudagraph(self):
@@ -1091,7 +1120,7 @@ class ModelRunner:
         width = -(-cfg.max_model_len // self.block_size)
         with self.device:  # static buffers: a replay reads its inputs from these and writes `hidden`
             self.graph_vars = v = dict(
-                input_ids=torch.zeros(max_bs, dtype=torch.int64), positions=torch.zeros(max_bs, dtype=torch.int64),
+                input_ids=torch.zeros(max_bs, dtype=torch.int32), positions=torch.zeros(max_bs, dtype=torch.int32),
                 slot_mapping=torch.full((max_bs,), -1, dtype=torch.int32), cu_seqlens_q=torch.arange(max_bs + 1, dtype=torch.int32),
                 context_lens=torch.zeros(max_bs, dtype=torch.int32), block_tables=torch.zeros(max_bs, width, dtype=torch.int32),
                 hidden=torch.zeros(max_bs, cfg.hf.hidden_size, dtype=cfg.torch_dtype))
