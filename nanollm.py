@@ -29,6 +29,7 @@ import glob
 import json
 import math
 import os
+import sys
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, fields
@@ -1456,46 +1457,163 @@ def build_random_checkpoint(path, seed=0, dtype=torch.float32, **config):
 
 
 # -----------------------------------------------------------------------------
-# main(): offline generation from the command line
+# Front ends on the step loop: resumable offline jobs and an interactive chat
+
+def run_job(llm, input_path, output_path, defaults, shard=(0, 1), use_tqdm=True):
+    # Each input line is {"id": ..., "prompt": ... | "messages": [...], optional sampling fields}. Each result
+    # is appended and flushed as soon as its request finishes; ids already in the output are skipped, so
+    # rerunning an interrupted job finishes it without redoing or rewriting anything. With data parallelism
+    # (torchrun), shard = (this group, groups) picks every groups-th line.
+    done = set()
+    if os.path.exists(output_path):
+        with open(output_path) as f:
+            for line in f:
+                try:
+                    done.add(json.dumps(json.loads(line)["id"]))
+                except (ValueError, KeyError, TypeError):
+                    pass  # a line cut short by a crash: its request runs again
+    seqs, ids = [], {}
+    with open(input_path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip() or (lineno - 1) % shard[1] != shard[0]:
+                continue
+            try:
+                item = json.loads(line)
+                if not isinstance(item, dict) or "id" not in item or ("prompt" in item) == ("messages" in item):
+                    raise ValueError('expected {"id": ..., "prompt": ...} or {"id": ..., "messages": [...]}')
+                key = json.dumps(item["id"])
+                if key in done:
+                    continue
+                if key in ids.values():
+                    raise ValueError(f"duplicate id {item['id']!r}")
+                prompt = item.get("prompt") or llm.tokenizer.apply_chat_template(
+                    item["messages"], tokenize=False, add_generation_prompt=True)
+                unknown = set(item) - {"id", "prompt", "messages", *JOB_SAMPLING_FIELDS}
+                if unknown:
+                    raise ValueError(f"unknown fields {sorted(unknown)}")
+                params = SamplingParams(**{k: item.get(k, getattr(defaults, k)) for k in JOB_SAMPLING_FIELDS})
+                seq = llm.make_sequence(prompt, params)
+            except Exception as e:  # report the line and go on with the rest
+                print(f"{input_path}:{lineno}: skipped: {e}", file=sys.stderr)
+                continue
+            seqs.append(seq)
+            ids[seq.request_id] = key
+    if done:
+        print(f"{output_path}: {len(done)} results already there, {len(seqs)} to go", file=sys.stderr)
+    fd = os.open(output_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        if os.path.getsize(output_path) and os.pread(fd, 1, os.path.getsize(output_path) - 1) != b"\n":
+            os.write(fd, b"\n")  # end a line cut short by a crash before appending
+
+        def write(seq):  # one write() per line: a kill never leaves half a new line behind
+            line = dict(id=json.loads(ids[seq.request_id]), **llm.result(seq), prompt_tokens=seq.num_prompt_tokens)
+            os.write(fd, (json.dumps(line) + "\n").encode())
+        llm.run(seqs, use_tqdm, on_finish=write)
+    finally:
+        os.close(fd)
+
+
+JOB_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "ignore_eos")
+
+
+def chat(llm, params, read=input):
+    # keeps the conversation; each turn's prompt starts with the previous turns, so the prefix cache
+    # serves them and a turn costs about its new tokens
+    messages = []
+    print("Chat with the model (random weights talk gibberish). An empty line or Ctrl-D ends it.")
+    while True:
+        try:
+            user = read("\n> ")
+        except (EOFError, KeyboardInterrupt):
+            break
+        if not user.strip():
+            break
+        messages.append({"role": "user", "content": user})
+        prompt = llm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        reply = ""
+        for piece in llm.stream(prompt, params):
+            print(piece, end="", flush=True)
+            reply += piece
+        messages.append({"role": "assistant", "content": reply})
+        print(f"\n[{llm.stats['cached_prompt_tokens']} prompt tokens served by the prefix cache so far]")
+
+
+# -----------------------------------------------------------------------------
+# main(): the command line. Under torchrun, the world splits into data-parallel groups of
+# tensor_parallel_size ranks; each group's first rank runs an engine on its share of the prompts.
+
+def init_torchrun(tp_size, device):
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    if world % tp_size:
+        raise ValueError(f"torchrun world size {world} is not a multiple of tensor_parallel_size {tp_size}")
+    backend = "nccl" if device == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group(backend)  # torchrun's rendezvous
+    groups = []  # every rank creates every group, in the same order
+    for first in range(0, world, tp_size):
+        ranks = list(range(first, first + tp_size))
+        group = dist.new_group(ranks)
+        groups.append((group, group if backend == "gloo" else dist.new_group(ranks, backend="gloo")))
+    group, control = groups[rank // tp_size]
+    return Parallel(rank % tp_size, tp_size, group, control), rank // tp_size, world // tp_size
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="nanollm: offline generation with a Qwen3 checkpoint")
     p.add_argument("--model", help="local HF checkpoint directory (none: a tiny random demo model)")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
-    p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
-    for f in fields(Config):  # engine flags, named after vLLM's, with the dataclass's defaults
-        if f.name != "model":
-            flag = "--" + f.name.replace("_", "-")
-            if f.type == "bool" or isinstance(f.default, bool):
-                p.add_argument(flag, action="store_true", default=f.default)
-            else:
-                kind = {"int": int, "float": float, "str": str}.get(str(f.type).split(" ")[0], None)
-                p.add_argument(flag, type=kind or (float if isinstance(f.default, float) else int if isinstance(f.default, int) else str),
-                               default=f.default)
-    for f in fields(SamplingParams):
-        if f.name not in ("stop_token_ids",):
+    p.add_argument("--chat", action="store_true", help="chat template; without --prompt an interactive chat")
+    p.add_argument("--input", help="JSONL job: one {id, prompt | messages, sampling fields} per line")
+    p.add_argument("--output", help="JSONL results, appended as requests finish; a rerun resumes")
+    none_types = {"num_kvcache_blocks": int, "device": str, "seed": int}
+    for cls in (Config, SamplingParams):  # flags named after vLLM's, defaults from the dataclasses
+        for f in fields(cls):
+            if f.name in ("model", "stop_token_ids"):
+                continue
             flag = "--" + f.name.replace("_", "-")
             if isinstance(f.default, bool):
-                p.add_argument(flag, action="store_true")
+                p.add_argument(flag, action="store_true", default=f.default)
             else:
-                p.add_argument(flag, type=float if isinstance(f.default, float) else int, default=f.default)
+                p.add_argument(flag, type=none_types.get(f.name, type(f.default)), default=f.default)
     args = p.parse_args(argv)
+    if bool(args.input) != bool(args.output):
+        p.error("--input and --output go together")
     engine_args = {f.name: getattr(args, f.name) for f in fields(Config) if f.name != "model"}
-    params = SamplingParams(**{f.name: getattr(args, f.name) for f in fields(SamplingParams) if f.name != "stop_token_ids"})
+    params = SamplingParams(**{k: getattr(args, k) for k in JOB_SAMPLING_FIELDS})
     model = args.model
     if model is None:
         import tempfile
         model = build_random_checkpoint(tempfile.mkdtemp(prefix="nanollm-demo-"))
         print(f"No --model given: built a tiny Qwen3 with RANDOM weights in {model}; its text is gibberish, "
               f"but every part of the engine runs.")
-    prompts = args.prompt or ["Introduce yourself.", "List all prime numbers within 100."]
-    with LLM(model, **engine_args) as llm:
-        if args.chat:
-            prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                                         add_generation_prompt=True) for q in prompts]
-        outputs = llm.generate(prompts, params)
-        for prompt, out in zip(prompts, outputs):
-            print(f"\nPrompt: {prompt!r}\nCompletion: {out['text']!r}")
+    parallel, dp_rank, dp_size = None, 0, 1
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        parallel, dp_rank, dp_size = init_torchrun(args.tensor_parallel_size, device)
+    prompts, results = [], None
+    if parallel is not None and parallel.rank != 0:  # a tensor-parallel rank: serve its group's first rank
+        ModelRunner(Config(model, **engine_args), parallel).loop()
+    else:
+        with LLM(model, parallel=parallel, **engine_args) as llm:
+            if args.input:
+                run_job(llm, args.input, args.output, params, shard=(dp_rank, dp_size))
+            elif args.chat and not args.prompt:
+                chat(llm, params)
+            else:
+                prompts = args.prompt or ["Introduce yourself.", "List all prime numbers within 100."]
+                if args.chat:
+                    prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                                 add_generation_prompt=True) for q in prompts]
+                results = llm.generate(prompts[dp_rank::dp_size], params)  # group g takes prompts g, g+dp, ...
+    if dp_size > 1:  # gather every group's results on rank 0, back in prompt order
+        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(results, gathered, dst=0)
+        by_group = [g for g in gathered or [] if g is not None]
+        results = [by_group[i % dp_size][i // dp_size] for i in range(len(prompts))] if by_group else None
+        dist.destroy_process_group()
+    for prompt, out in zip(prompts, results or []):
+        print(f"\nPrompt: {prompt!r}\nCompletion: {out['text']!r}")
 
 
 if __name__ == "__main__":
