@@ -1414,13 +1414,14 @@ class LLM:
             sent = ""
             try:
                 while True:
+                    finished = seq.is_finished  # read once: other streams may step while this one yields
                     text = self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True)
                     # hold back a split multi-byte character (decoded as U+FFFD) until it is whole
-                    if seq.is_finished or (len(text) > len(sent) and not text.endswith("\ufffd")):
+                    if finished or (len(text) > len(sent) and not text.endswith("\ufffd")):
                         if text[len(sent):]:
                             yield text[len(sent):]
                         sent = text
-                    if seq.is_finished:
+                    if finished:
                         return
                     self.step()
             finally:
@@ -1500,7 +1501,7 @@ def run_job(llm, input_path, output_path, defaults, shard=(0, 1), use_tqdm=True)
             ids[seq.request_id] = key
     if done:
         print(f"{output_path}: {len(done)} results already there, {len(seqs)} to go", file=sys.stderr)
-    fd = os.open(output_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(output_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         if os.path.getsize(output_path) and os.pread(fd, 1, os.path.getsize(output_path) - 1) != b"\n":
             os.write(fd, b"\n")  # end a line cut short by a crash before appending

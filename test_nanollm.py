@@ -504,3 +504,147 @@ def test_gpu_kv_cache_sized_from_memory(checkpoints):
     free, total = torch.cuda.mem_get_info()
     assert llm.num_kvcache_blocks * llm.runner.block_bytes <= 0.5 * total
     assert llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0]["token_ids"]
+
+
+# ---------------------------------------------------------------- tensor and data parallelism (CPU, gloo)
+
+def fail_on_rank_1(runner):  # for collective_rpc: a worker that raises
+    if runner.tp.rank == 1:
+        raise ValueError("rank 1 refuses")
+    return runner.tp.rank
+
+
+def qkv_shard_shape(runner):
+    return tuple(runner.model.model.layers[0].self_attn.qkv_proj.weight.shape)
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_tensor_parallel_equals_single_rank(checkpoints, hf_models, name):
+    prompts = random_prompts([1, 17, 33, 70], seed=14)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    with LLM(checkpoints[name], device="cpu", tensor_parallel_size=2, kvcache_block_size=16, num_kvcache_blocks=64) as llm:
+        heads, kv_heads = CHECKPOINTS[name]["num_attention_heads"], CHECKPOINTS[name]["num_key_value_heads"]
+        assert llm.collective_rpc(qkv_shard_shape) == [((heads + 2 * kv_heads) * 16 // 2, 64)] * 2  # sharded
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        assert out["token_ids"] == hf_greedy(hf_models[name], prompt, params.max_tokens)
+
+
+def test_worker_error_ends_every_process(checkpoints):
+    llm = LLM(checkpoints["gqa2-untied"], device="cpu", tensor_parallel_size=2, kvcache_block_size=16, num_kvcache_blocks=64)
+    workers = list(llm.workers)
+    with pytest.raises(RuntimeError, match="rank 1 refuses"):
+        llm.collective_rpc(fail_on_rank_1)
+    assert not any(w.is_alive() for w in workers) and not torch.distributed.is_initialized()
+    with pytest.raises(RuntimeError, match="exited"):
+        llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)
+
+
+def test_parallel_config_errors(checkpoints):
+    with pytest.raises(ValueError, match="must divide the heads"):
+        LLM(checkpoints["gqa2-untied"], device="cpu", tensor_parallel_size=3)
+    with pytest.raises(ValueError, match="GPUs present"):
+        LLM(checkpoints["gqa2-untied"], device="cuda", tensor_parallel_size=torch.cuda.device_count() + 1)
+
+
+def run_cli(*args, torchrun=0, timeout=300):
+    import subprocess
+    import sys
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={torchrun}"] if torchrun else [])
+    return subprocess.run(launcher + [nanollm.__file__, *args], capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def test_torchrun_data_parallel_equals_one_process(checkpoints):
+    args = ["--model", checkpoints["gqa2-untied"], "--device", "cpu", "--max-tokens", "8", "--temperature", "0",
+            "--ignore-eos", "--kvcache-block-size", "16", "--num-kvcache-blocks", "64"]
+    for prompt in ["one", "two words", "three little words", "four", "five"]:
+        args += ["--prompt", prompt]
+    single = run_cli(*args)
+    dp = run_cli(*args, torchrun=2)  # two ranks, tensor_parallel_size 1: two data-parallel groups
+    assert single.returncode == 0 and dp.returncode == 0, dp.stderr[-2000:]
+    completions = [line for line in single.stdout.splitlines() if line.startswith(("Prompt:", "Completion:"))]
+    assert len(completions) == 10 and completions == [line for line in dp.stdout.splitlines()
+                                                     if line.startswith(("Prompt:", "Completion:"))]
+
+
+# ---------------------------------------------------------------- streaming, chat, resumable jobs
+
+def test_streams_equal_generate(checkpoints):
+    llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
+    prompts = ["Hello", "Streams share one step loop", "x"]
+    params = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+              SamplingParams(temperature=0.9, seed=3, max_tokens=25, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=5)]
+    expected = [out["text"] for out in llm.generate(prompts, params, use_tqdm=False)]
+    streams = dict(enumerate(llm.stream(p, sp) for p, sp in zip(prompts, params)))
+    texts = ["", "", ""]
+    while streams:  # round-robin: several streams advance over the same steps
+        for i, stream in list(streams.items()):
+            piece = next(stream, None)
+            if piece is None:
+                del streams[i]
+            else:
+                assert piece
+                texts[i] += piece
+    assert texts == expected
+    assert_all_blocks_free(llm)
+
+
+def test_chat_second_turn_hits_prefix_cache(checkpoints, capsys):
+    llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
+    lines = iter(["Tell me about paged attention and its blocks, please.", "And about prefix caching?", ""])
+    first_prompt = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Tell me about paged attention and its blocks, please."}], tokenize=False,
+        add_generation_prompt=True))
+    nanollm.chat(llm, SamplingParams(temperature=0, max_tokens=12), read=lambda _: next(lines))
+    assert llm.stats["cached_prompt_tokens"] >= len(first_prompt) // 16 * 16 > 0  # turn 2 reused turn 1
+    assert "prefix cache" in capsys.readouterr().out
+
+
+def write_job(path, n):
+    lines = []
+    for i in range(n):
+        lines.append(json.dumps({"id": f"q{i}", "prompt": f"Question number {i}: what is {i} + {i}?"}) if i % 3
+                     else json.dumps({"id": i, "messages": [{"role": "user", "content": f"hi {i}"}], "max_tokens": 20}))
+    lines.insert(2, "{not json")
+    lines.insert(5, json.dumps({"prompt": "no id"}))
+    lines.insert(7, json.dumps({"id": "bad", "prompt": "x", "top_p": 2}))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def read_results(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_job_killed_and_rerun_loses_nothing(checkpoints, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    write_job(tmp_path / "in.jsonl", 12)
+    args = ["--model", checkpoints["gqa2-untied"], "--device", "cpu", "--temperature", "0", "--ignore-eos",
+            "--max-tokens", "60", "--max-num-seqs", "1", "--kvcache-block-size", "16", "--num-kvcache-blocks", "64",
+            "--input", str(tmp_path / "in.jsonl")]
+    clean = run_cli(*args, "--output", str(tmp_path / "clean.jsonl"))
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    for lineno in (3, 6, 8):  # the malformed lines are reported with their numbers and skipped
+        assert f"in.jsonl:{lineno}: skipped" in clean.stderr
+    expected = {json.dumps(r["id"]): r for r in read_results(tmp_path / "clean.jsonl")}
+    assert len(expected) == 12
+    out = tmp_path / "out.jsonl"
+    job = subprocess.Popen([sys.executable, nanollm.__file__, *args, "--output", str(out)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while (not out.exists() or len(out.read_text().splitlines()) < 2) and time.time() < deadline and job.poll() is None:
+        time.sleep(0.02)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    partial = read_results(out)
+    assert 2 <= len(partial) < 12  # killed midway
+    rerun = run_cli(*args, "--output", str(out))
+    assert rerun.returncode == 0 and "already there" in rerun.stderr
+    results = read_results(out)
+    assert results[:len(partial)] == partial  # nothing written before was rewritten
+    assert sorted(json.dumps(r["id"]) for r in results) == sorted(expected)  # exactly one line per id
+    assert all(r == expected[json.dumps(r["id"])] for r in results)  # equal to the uninterrupted run
