@@ -33,6 +33,7 @@ import sys
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, fields
+from types import SimpleNamespace
 
 # On a CPU, torch's OpenMP threads spin while MKL's work and vice versa; with both busy-waiting on two
 # cores a tiny softmax takes milliseconds. Passive waiting fixes that (only if torch is not yet imported).
@@ -49,57 +50,30 @@ import triton.language as tl
 # -----------------------------------------------------------------------------
 # Config: the checkpoint's config.json and the engine's knobs
 
-@dataclass
-class ModelConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    max_position: int
-    tie_word_embeddings: bool
-    dtype: torch.dtype
-    eos_token_ids: tuple
-
-    @classmethod
-    def from_dir(cls, path):
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"model directory not found: {path!r}")
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"no config.json in model directory {path!r}")
-        with open(os.path.join(path, "config.json")) as f:
-            c = json.load(f)
-        arch = (c.get("architectures") or ["<none>"])[0]
-        if arch != "Qwen3ForCausalLM":
-            raise ValueError(f"unsupported architecture {arch!r}: nanollm runs Qwen3ForCausalLM only")
-        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}  # transformers 5 moved rope_theta here
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise ValueError(f"unsupported rope scaling {rope!r}: only plain RoPE is implemented")
-        if c.get("attention_bias") or c.get("use_sliding_window"):
-            raise ValueError("unsupported Qwen3 variant: attention_bias and sliding windows are not implemented")
-        eos = []  # generation_config.json's eos ids win over config.json's
-        for name in ("config.json", "generation_config.json"):
-            p = os.path.join(path, name)
-            if os.path.isfile(p):
-                with open(p) as f:
-                    e = json.load(f).get("eos_token_id")
-                if e is not None:
-                    eos = e if isinstance(e, list) else [e]
-        return cls(
-            vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
-            num_layers=c["num_hidden_layers"], num_heads=c["num_attention_heads"],
-            num_kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]),
-            head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
-            rms_norm_eps=c.get("rms_norm_eps", 1e-6),
-            rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)),
-            max_position=c.get("max_position_embeddings", 40960),
-            tie_word_embeddings=c.get("tie_word_embeddings", False),
-            dtype=getattr(torch, c.get("dtype") or c.get("torch_dtype") or "bfloat16"),
-            eos_token_ids=tuple(eos))
+def load_model_config(path):
+    # config.json as a namespace under HF's own names, plus the eos ids, the RoPE base and the dtype
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"model directory not found, or without config.json: {path!r}")
+    with open(os.path.join(path, "config.json")) as f:
+        c = json.load(f)
+    arch = (c.get("architectures") or ["<none>"])[0]
+    if arch != "Qwen3ForCausalLM":
+        raise ValueError(f"unsupported architecture {arch!r}: nanollm runs Qwen3ForCausalLM only")
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}  # transformers 5 moved rope_theta here
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"unsupported rope scaling {rope!r}: only plain RoPE is implemented")
+    if c.get("attention_bias") or c.get("use_sliding_window"):
+        raise ValueError("unsupported Qwen3 variant: attention_bias and sliding windows are not implemented")
+    eos = c.get("eos_token_id")
+    if os.path.isfile(os.path.join(path, "generation_config.json")):  # its eos ids win
+        with open(os.path.join(path, "generation_config.json")) as f:
+            eos = json.load(f).get("eos_token_id", eos)
+    defaults = dict(num_key_value_heads=c["num_attention_heads"], head_dim=c["hidden_size"] // c["num_attention_heads"],
+                    rms_norm_eps=1e-6, max_position_embeddings=40960, tie_word_embeddings=False)
+    return SimpleNamespace(**{**defaults, **{k: v for k, v in c.items() if v is not None},
+                              "rope_theta": rope.get("rope_theta", c.get("rope_theta", 10000.0)),
+                              "dtype": getattr(torch, c.get("dtype") or c.get("torch_dtype") or "bfloat16"),
+                              "eos_token_ids": tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])})
 
 
 @dataclass
@@ -133,8 +107,8 @@ class Config:
         check(self.num_kvcache_blocks is None or self.num_kvcache_blocks >= 1,
               f"num_kvcache_blocks must be >= 1, got {self.num_kvcache_blocks}")
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.hf = ModelConfig.from_dir(self.model)
-        self.max_model_len = min(self.max_model_len, self.hf.max_position)
+        self.hf = load_model_config(self.model)
+        self.max_model_len = min(self.max_model_len, self.hf.max_position_embeddings)
         if self.dtype == "auto":
             self.torch_dtype = self.hf.dtype if self.device != "cpu" else torch.float32
         else:
@@ -142,8 +116,8 @@ class Config:
         tp = self.tensor_parallel_size
         check(self.device != "cuda" or tp <= torch.cuda.device_count(),
               f"tensor_parallel_size {tp} exceeds the {torch.cuda.device_count()} GPUs present")
-        check(self.hf.num_heads % tp == 0 and self.hf.num_kv_heads % tp == 0,
-              f"tensor_parallel_size {tp} must divide the heads ({self.hf.num_heads} query, {self.hf.num_kv_heads} KV)")
+        check(self.hf.num_attention_heads % tp == 0 and self.hf.num_key_value_heads % tp == 0,
+              f"tensor_parallel_size {tp} must divide the heads ({self.hf.num_attention_heads} query, {self.hf.num_key_value_heads} KV)")
 
 
 @dataclass
@@ -326,11 +300,11 @@ class RotaryEmbedding(nn.Module):
 class Qwen3Attention(nn.Module):
     def __init__(self, cfg, tp):
         super().__init__()
-        self.num_heads = cfg.num_heads // tp.size
-        self.num_kv_heads = cfg.num_kv_heads // tp.size
+        self.num_heads = cfg.num_attention_heads // tp.size
+        self.num_kv_heads = cfg.num_key_value_heads // tp.size
         self.head_dim = cfg.head_dim
-        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, tp)
-        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, tp)
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, tp)
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, tp)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)  # Qwen3 normalises each head's q and k
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim)
@@ -371,9 +345,9 @@ class Qwen3Model(nn.Module):
     def __init__(self, cfg, tp):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
-        self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg, tp) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg, tp) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta)
+        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
 
     def forward(self, input_ids, positions, meta):
         h = self.embed_tokens(input_ids)
@@ -479,8 +453,6 @@ def _dot_precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-# ---- store_kvcache
-
 @triton.jit
 def _store_kvcache_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
                           key_stride, value_stride, ROW_SIZE: tl.constexpr, ROW_PAD: tl.constexpr):
@@ -511,8 +483,6 @@ def store_kvcache(key, value, k_cache, v_cache, slot_mapping):
         ROW_SIZE=row_size, ROW_PAD=triton.next_power_of_2(row_size))
 
 
-# ---- shared attention pieces
-
 @triton.jit
 def _load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_ptr, kv_pos, kv_mask, kv_head,
                   BLOCK_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
@@ -539,8 +509,6 @@ def _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, PRECISION: t
     acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
     return m_new, l_i, acc
 
-
-# ---- prefill attention
 
 @triton.jit
 def _prefill_attention_kernel(
@@ -601,8 +569,6 @@ def prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tab
         BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_dot_precision(q.dtype), num_warps=4 if head_dim <= 64 else 8)
     return out
 
-
-# ---- decode attention (flash-decoding)
 
 @triton.jit
 def _decode_attention_kernel(
@@ -666,31 +632,17 @@ def _decode_reduce_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr,
     tl.store(out_ptr + row * HEAD_DIM + dims, out)
 
 
-@functools.cache
-def _num_sms():
-    return torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
-
-
-def decode_block_n(head_dim, dtype):
-    # K/V tiles of 8K elements (4K in fp32, to avoid spills): 64 x 128 for bf16 at head_dim 128
-    return max(16, min(128, (4096 if dtype == torch.float32 else 8192) // head_dim))
-
-
-def decode_num_splits(batch, num_kv_heads, max_blocks_per_seq, block_size, block_n):
-    # From host-side shapes only: about two waves of programs over the SMs, but no more splits
-    # than the table's capacity has KV tiles, and at most 32 (the reduce reads them all).
-    max_tiles = triton.cdiv(max_blocks_per_seq * block_size, block_n)
-    return max(1, min(triton.cdiv(2 * _num_sms(), batch * num_kv_heads), max_tiles, 32))
-
-
 def decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale, num_splits=None, out=None):
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
     group = num_heads // num_kv_heads
-    block_n = decode_block_n(head_dim, q.dtype)
-    if num_splits is None:
-        num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1], block_size, block_n)
+    # K/V tiles of 8K elements (4K in fp32, to avoid spills): 64 x 128 for bf16 at head_dim 128
+    block_n = max(16, min(128, (4096 if q.dtype == torch.float32 else 8192) // head_dim))
+    if num_splits is None:  # from shapes only (CUDA-graph safe): about two waves of programs over the
+        # SMs, no more splits than the block table holds KV tiles, and at most 32 (the reduce reads them all)
+        max_tiles = triton.cdiv(block_tables.shape[1] * block_size, block_n)
+        num_splits = max(1, min(triton.cdiv(2 * num_sms(q.device), batch * num_kv_heads), max_tiles, 32))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     assert out.is_contiguous()
     part_m = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
@@ -706,6 +658,11 @@ def decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale, num
         part_m, part_l, part_acc, out, NUM_SPLITS=num_splits,
         SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim)
     return out
+
+
+@functools.cache
+def num_sms(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
 class PagedAttention(nn.Module):
@@ -982,8 +939,8 @@ class ModelRunner:
         torch.set_default_dtype(torch.float32)
         self.model.load_weights(config.model, hf.tie_word_embeddings)
         self.model.model.rotary_emb.cos_sin = self.model.model.rotary_emb.cos_sin.float()
-        self.kv_heads = hf.num_kv_heads // tp.size
-        self.block_bytes = (2 * hf.num_layers * self.block_size * self.kv_heads * hf.head_dim
+        self.kv_heads = hf.num_key_value_heads // tp.size
+        self.block_bytes = (2 * hf.num_hidden_layers * self.block_size * self.kv_heads * hf.head_dim
                             * config.torch_dtype.itemsize)
         num_blocks = config.num_kvcache_blocks or self.measure_kv_cache_blocks()
         if tp.size > 1:  # every rank must agree: take the smallest
@@ -1024,7 +981,7 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks):
         hf = self.config.hf
-        self.kv_cache = torch.empty(2, hf.num_layers, num_blocks, self.block_size, self.kv_heads, hf.head_dim,
+        self.kv_cache = torch.empty(2, hf.num_hidden_layers, num_blocks, self.block_size, self.kv_heads, hf.head_dim,
                                     dtype=self.config.torch_dtype, device=self.device)
         for i, layer in enumerate(self.model.model.layers):
             layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
@@ -1034,28 +991,21 @@ class ModelRunner:
             return max(1, CPU_KV_CACHE_BYTES // self.block_bytes)
         # warm up with the largest prefill and the largest sampled batch, then give the KV cache what is
         # left of gpu_memory_utilization after the weights, other processes and that activation peak
-        cfg = self.config
+        cfg, bs = self.config, self.block_size
         lens = [cfg.max_model_len] * (cfg.max_num_batched_tokens // cfg.max_model_len)
         lens += [cfg.max_num_batched_tokens % cfg.max_model_len] if cfg.max_num_batched_tokens % cfg.max_model_len else []
+        seqs, num_blocks = [Sequence(-1, [0] * n, None) for n in lens], 0
+        for seq in seqs:
+            seq.num_scheduled_tokens, seq.block_table = len(seq), list(range(num_blocks, num_blocks - (-len(seq) // bs)))
+            num_blocks = seq.block_table[-1] + 1
         self.max_graph_batch = 0
-        self.allocate_kv_cache(sum(-(-n // self.block_size) for n in lens))
+        self.allocate_kv_cache(num_blocks)
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
-        step, next_block = dict(input_ids=[], positions=[], slot_mapping=[], cu_seqlens_q=[0], context_lens=[],
-                                block_tables=[], logits_rows=[]), 0
-        for n in lens:
-            blocks = list(range(next_block, next_block + -(-n // self.block_size)))
-            next_block += len(blocks)
-            step["input_ids"] += [0] * n
-            step["positions"] += list(range(n))
-            step["slot_mapping"] += [blocks[p // self.block_size] * self.block_size + p % self.block_size for p in range(n)]
-            step["cu_seqlens_q"].append(step["cu_seqlens_q"][-1] + n)
-            step["context_lens"].append(n)
-            step["block_tables"].append(blocks)
-            step["logits_rows"] += [step["cu_seqlens_q"][-1] - 1] * (cfg.max_num_seqs // len(lens) + 1)
-        step["logits_rows"] = step["logits_rows"][:cfg.max_num_seqs]
+        step = self.prepare(seqs)
+        step["logits_rows"] = (step["logits_rows"] * cfg.max_num_seqs)[:cfg.max_num_seqs]  # the largest sampled batch
         logits = self.run(step)
         if logits is not None:
             b = logits.shape[0]
