@@ -828,10 +828,7 @@ class Scheduler:
             if not seq.running:
                 continue  # preempted just now by an older sequence
             num_tokens = min(len(seq) - seq.num_computed_tokens, budget)
-            while bm.blocks_needed(seq, num_tokens) > bm.num_free_blocks and self.running[-1] is not seq:
-                self.preempt(self.running[-1])  # newer sequences make way for older ones
-            if bm.blocks_needed(seq, num_tokens) > bm.num_free_blocks:
-                self.preempt(seq)  # nothing newer is left to preempt: wait until the older ones finish
+            if not self.make_room(seq, num_tokens):
                 return batch
             budget -= self.take(seq, num_tokens, batch)
         # then new (or preempted) sequences in arrival order, while their first chunk fits
@@ -849,17 +846,24 @@ class Scheduler:
         return batch
 
     def schedule_decode(self):
-        batch, bm = [], self.block_manager
+        batch = []
         for seq in list(self.running):
             if not seq.running:
                 continue  # preempted by an older sequence in this loop
-            while bm.blocks_needed(seq, 1) > bm.num_free_blocks and self.running[-1] is not seq:
-                self.preempt(self.running[-1])
-            if bm.blocks_needed(seq, 1) > bm.num_free_blocks:
-                self.preempt(seq)
+            if not self.make_room(seq, 1):
                 break
             self.take(seq, 1, batch)
         return batch
+
+    def make_room(self, seq, num_tokens):
+        # newer sequences make way for older ones; with nothing newer left, seq itself waits
+        bm = self.block_manager
+        while bm.blocks_needed(seq, num_tokens) > bm.num_free_blocks and self.running[-1] is not seq:
+            self.preempt(self.running[-1])
+        if bm.blocks_needed(seq, num_tokens) > bm.num_free_blocks:
+            self.preempt(seq)
+            return False
+        return True
 
     def take(self, seq, num_tokens, batch):
         self.block_manager.allocate(seq, num_tokens)
@@ -1159,7 +1163,7 @@ class LLM:
         self.config = config = Config(model, **kwargs)
         from transformers import AutoTokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(model)
-        self.runner, self.requests, self.workers, self.errors = None, {}, [], None
+        self.runner, self.requests, self.workers, self.errors = None, {}, [], None  # requests: id -> unfinished Sequence
         if parallel is None and config.tensor_parallel_size > 1:
             parallel, self.workers, self.errors = init_workers(config)
         try:
@@ -1172,7 +1176,6 @@ class LLM:
         eos = config.hf.eos_token_ids or (self.tokenizer.eos_token_id,)
         self.eos_token_ids = tuple(e for e in eos if e is not None)
         self.scheduler = Scheduler(config, self.block_manager, self.eos_token_ids)
-        self.requests = {}  # request_id -> Sequence, until finished
         self.next_request_id = 0
         # counters since start: tokens computed in prefill and decode steps, prompt tokens served by the
         # prefix cache, sequences preempted, engine steps
@@ -1262,15 +1265,14 @@ class LLM:
 
     def abort(self, request_id):
         seq = self.requests.pop(request_id, None)
-        if seq is None:
-            return
-        if seq.running:
-            self.scheduler.running.remove(seq)
-            self.block_manager.release(seq)
-            seq.running = False
-        elif seq in self.scheduler.waiting:
-            self.scheduler.waiting.remove(seq)
-        seq.finish_reason = seq.finish_reason or "abort"
+        if seq is not None and not seq.is_finished:
+            if seq.running:
+                self.scheduler.running.remove(seq)
+                self.block_manager.release(seq)
+                seq.running = False
+            else:
+                self.scheduler.waiting.remove(seq)
+            seq.finish_reason = "abort"
 
     def is_finished(self):
         return self.scheduler.is_finished()
