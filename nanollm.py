@@ -92,32 +92,30 @@ class Config:
     device: str | None = None           # None: cuda if present, else cpu
 
     def __post_init__(self):
-        def check(ok, msg):
+        bs, blocks = self.kvcache_block_size, self.num_kvcache_blocks
+        for name, ok, rule in [
+                ("tensor_parallel_size", self.tensor_parallel_size >= 1, ">= 1"),
+                ("dtype", self.dtype in ("auto", "float32", "float16", "bfloat16"),
+                 "auto, float32, float16 or bfloat16"),
+                ("max_model_len", self.max_model_len >= 2, ">= 2"),
+                ("max_num_seqs", self.max_num_seqs >= 1, ">= 1"),
+                ("max_num_batched_tokens", self.max_num_batched_tokens >= 1, ">= 1"),
+                ("gpu_memory_utilization", 0 < self.gpu_memory_utilization <= 1, "in (0, 1]"),
+                ("kvcache_block_size", bs >= 16 and bs & (bs - 1) == 0, "a power of two >= 16"),
+                ("num_kvcache_blocks", blocks is None or blocks >= 1, ">= 1 or None")]:
             if not ok:
-                raise ValueError(msg)
-        check(self.tensor_parallel_size >= 1, f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-        check(self.dtype in ("auto", "float32", "float16", "bfloat16"),
-              f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
-        check(self.max_model_len >= 2, f"max_model_len must be >= 2, got {self.max_model_len}")
-        check(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        check(self.max_num_batched_tokens >= 1, f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
-        check(0 < self.gpu_memory_utilization <= 1, f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        bs = self.kvcache_block_size
-        check(bs >= 16 and bs & (bs - 1) == 0, f"kvcache_block_size must be a power of two >= 16, got {bs}")
-        check(self.num_kvcache_blocks is None or self.num_kvcache_blocks >= 1,
-              f"num_kvcache_blocks must be >= 1, got {self.num_kvcache_blocks}")
+                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.hf = load_model_config(self.model)
-        self.max_model_len = min(self.max_model_len, self.hf.max_position_embeddings)
-        if self.dtype == "auto":
-            self.torch_dtype = self.hf.dtype if self.device != "cpu" else torch.float32
-        else:
-            self.torch_dtype = getattr(torch, self.dtype)
-        tp = self.tensor_parallel_size
-        check(self.device != "cuda" or tp <= torch.cuda.device_count(),
-              f"tensor_parallel_size {tp} exceeds the {torch.cuda.device_count()} GPUs present")
-        check(self.hf.num_attention_heads % tp == 0 and self.hf.num_key_value_heads % tp == 0,
-              f"tensor_parallel_size {tp} must divide the heads ({self.hf.num_attention_heads} query, {self.hf.num_key_value_heads} KV)")
+        self.hf = hf = load_model_config(self.model)
+        self.max_model_len = min(self.max_model_len, hf.max_position_embeddings)
+        auto = hf.dtype if self.device != "cpu" else torch.float32
+        self.torch_dtype = auto if self.dtype == "auto" else getattr(torch, self.dtype)
+        tp, gpus = self.tensor_parallel_size, torch.cuda.device_count()
+        if self.device == "cuda" and tp > gpus:
+            raise ValueError(f"tensor_parallel_size {tp} exceeds the {gpus} GPUs present")
+        if hf.num_attention_heads % tp or hf.num_key_value_heads % tp:
+            raise ValueError(f"tensor_parallel_size {tp} must divide the heads "
+                             f"({hf.num_attention_heads} query, {hf.num_key_value_heads} KV)")
 
 
 @dataclass
@@ -131,14 +129,12 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not (self.top_k == -1 or self.top_k >= 1):
-            raise ValueError(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
-        if not self.max_tokens >= 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        for name, ok, rule in [("temperature", self.temperature >= 0, ">= 0"),
+                               ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+                               ("top_k", self.top_k == -1 or self.top_k >= 1, "-1 (off) or >= 1"),
+                               ("max_tokens", self.max_tokens >= 1, ">= 1")]:
+            if not ok:
+                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
         self.stop_token_ids = list(self.stop_token_ids or [])
 
 
@@ -372,9 +368,6 @@ class Qwen3ForCausalLM(nn.Module):
     def forward(self, input_ids, positions, meta):
         return self.model(input_ids, positions, meta)
 
-    def compute_logits(self, hidden):
-        return self.lm_head(hidden)
-
     def load_weights(self, path, tied):
         from safetensors import safe_open
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
@@ -443,14 +436,9 @@ def paged_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, b
 
 
 # ---- Triton kernels: the fast path on GPUs. Tiles are upcast to fp32 after loading (accumulation is
-# fp32 anyway, and Triton's CPU interpreter, used by the tests, mishandles bf16 arithmetic).
+# fp32 anyway, and Triton's CPU interpreter, used by the tests, mishandles bf16 arithmetic). Dots of fp32
+# inputs must be exact ("ieee"); fp16/bf16 values fit exactly in tf32, so tensor cores can take them there.
 LOG2_E = 1.4426950408889634  # softmax runs in base 2: exp(x) = exp2(x * log2(e))
-
-
-def _dot_precision(dtype):
-    # Tiles are upcast to fp32 after loading. fp32 inputs must multiply exactly ("ieee");
-    # fp16/bf16 values fit exactly in tf32, so tensor cores can take them there.
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 @triton.jit
@@ -554,19 +542,18 @@ def prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tab
                       out=None):
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
-    assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
-    assert out.is_contiguous()
-    batch = cu_seqlens_q.numel() - 1
+    assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous() and out.is_contiguous()
+    fp32 = q.dtype == torch.float32
     # fp32 runs its dots on CUDA cores and holds twice the bytes per tile: smaller tiles avoid spills
-    block_m, block_n = (32, 32) if q.dtype == torch.float32 else (64, 64)
+    block_m, block_n = (32, 32) if fp32 else (64, 64)
     block_m = 16 if max_seqlen_q <= 16 else block_m  # short chunks (e.g. prefix-cache hits)
-    grid = (triton.cdiv(max_seqlen_q, block_m), num_heads, batch)
+    grid = (triton.cdiv(max_seqlen_q, block_m), num_heads, cu_seqlens_q.numel() - 1)
     _prefill_attention_kernel[grid](
         q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables,
         scale * LOG2_E, q.stride(0), q.stride(1), block_tables.stride(0),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_dot_precision(q.dtype), num_warps=4 if head_dim <= 64 else 8)
+        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION="ieee" if fp32 else "tf32", num_warps=4 if head_dim <= 64 else 8)
     return out
 
 
@@ -635,16 +622,16 @@ def _decode_reduce_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr,
 def decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale, num_splits=None, out=None):
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
-    assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
-    group = num_heads // num_kv_heads
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
+    assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous() and out.is_contiguous()
+    group, fp32 = num_heads // num_kv_heads, q.dtype == torch.float32
     # K/V tiles of 8K elements (4K in fp32, to avoid spills): 64 x 128 for bf16 at head_dim 128
-    block_n = max(16, min(128, (4096 if q.dtype == torch.float32 else 8192) // head_dim))
+    block_n = max(16, min(128, (4096 if fp32 else 8192) // head_dim))
     if num_splits is None:  # from shapes only (CUDA-graph safe): about two waves of programs over the
         # SMs, no more splits than the block table holds KV tiles, and at most 32 (the reduce reads them all)
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
         max_tiles = triton.cdiv(block_tables.shape[1] * block_size, block_n)
-        num_splits = max(1, min(triton.cdiv(2 * num_sms(q.device), batch * num_kv_heads), max_tiles, 32))
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
-    assert out.is_contiguous()
+        num_splits = max(1, min(triton.cdiv(2 * sms, batch * num_kv_heads), max_tiles, 32))
     part_m = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
@@ -653,16 +640,11 @@ def decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale, num
         scale * LOG2_E, q.stride(0), q.stride(1), block_tables.stride(0),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, NUM_SPLITS=num_splits,
-        PRECISION=_dot_precision(q.dtype), num_warps=4)
+        PRECISION="ieee" if fp32 else "tf32", num_warps=4)
     _decode_reduce_kernel[(batch * num_heads,)](
         part_m, part_l, part_acc, out, NUM_SPLITS=num_splits,
         SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim)
     return out
-
-
-@functools.cache
-def num_sms(device):
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
 class PagedAttention(nn.Module):
@@ -703,7 +685,7 @@ class Sequence:
         self.num_scheduled_tokens = 0        # tokens to compute in the current step
         self.num_cached_tokens = 0           # prompt tokens served by the prefix cache
         self.finish_reason = None            # "stop" or "length" once finished
-        self.generator = None                # per-request RNG when params.seed is set
+        self.generator = None                # the request's own RNG when params.seed is set
         self.running = False                 # in the scheduler's running list
 
     def __len__(self):
@@ -759,9 +741,8 @@ class BlockManager:
             block.ref_count += 1
             seq.block_table.append(block.id)
             parent = block.hash
-        seq.num_computed_tokens = seq.num_hashed_blocks = len(seq.block_table)
-        seq.num_computed_tokens *= self.block_size
-        seq.num_cached_tokens = seq.num_computed_tokens
+        seq.num_hashed_blocks = len(seq.block_table)
+        seq.num_computed_tokens = seq.num_cached_tokens = seq.num_hashed_blocks * self.block_size
         return seq.num_computed_tokens
 
     def allocate(self, seq, num_tokens):  # fresh blocks for the next num_tokens of seq
@@ -934,7 +915,7 @@ sample_with_noise = compiled_on_gpu(sample_with_noise)
 class ModelRunner:
     def __init__(self, config, tp=Parallel()):
         self.config, self.tp = config, tp
-        self.device = torch.device("cuda", torch.cuda.current_device()) if config.device == "cuda" else torch.device(config.device)
+        self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if config.device == "cuda" else config.device)
         self.block_size = config.kvcache_block_size
         hf = config.hf
         torch.set_default_dtype(config.torch_dtype)
@@ -942,10 +923,10 @@ class ModelRunner:
             self.model = Qwen3ForCausalLM(hf, tp)
         torch.set_default_dtype(torch.float32)
         self.model.load_weights(config.model, hf.tie_word_embeddings)
-        self.model.model.rotary_emb.cos_sin = self.model.model.rotary_emb.cos_sin.float()
         self.kv_heads = hf.num_key_value_heads // tp.size
         self.block_bytes = (2 * hf.num_hidden_layers * self.block_size * self.kv_heads * hf.head_dim
                             * config.torch_dtype.itemsize)
+        self.graphs, self.max_graph_batch = {}, 0  # no CUDA graphs until capture_cudagraph()
         num_blocks = config.num_kvcache_blocks or self.measure_kv_cache_blocks()
         if tp.size > 1:  # every rank must agree: take the smallest
             n = torch.tensor([num_blocks], device=self.device)
@@ -953,7 +934,6 @@ class ModelRunner:
             num_blocks = int(n.item())
         self.num_kvcache_blocks = num_blocks
         self.allocate_kv_cache(num_blocks)
-        self.graphs, self.max_graph_batch = {}, 0
         if self.device.type == "cuda" and not config.enforce_eager:
             self.capture_cudagraph()
 
@@ -996,14 +976,11 @@ class ModelRunner:
         # warm up with the largest prefill and the largest sampled batch, then give the KV cache what is
         # left of gpu_memory_utilization after the weights, other processes and that activation peak
         cfg, bs = self.config, self.block_size
-        lens = [cfg.max_model_len] * (cfg.max_num_batched_tokens // cfg.max_model_len)
-        lens += [cfg.max_num_batched_tokens % cfg.max_model_len] if cfg.max_num_batched_tokens % cfg.max_model_len else []
-        seqs, num_blocks = [Sequence(-1, [0] * n, None) for n in lens], 0
-        for seq in seqs:
-            seq.num_scheduled_tokens, seq.block_table = len(seq), list(range(num_blocks, num_blocks - (-len(seq) // bs)))
-            num_blocks = seq.block_table[-1] + 1
-        self.max_graph_batch = 0
-        self.allocate_kv_cache(num_blocks)
+        n, rest = divmod(cfg.max_num_batched_tokens, cfg.max_model_len)
+        seqs = [Sequence(-1, [0] * m, None) for m in [cfg.max_model_len] * n + ([rest] if rest else [])]
+        for seq in seqs:  # what the cache holds does not matter here, so all of them share the first blocks
+            seq.num_scheduled_tokens, seq.block_table = len(seq), list(range(-(-len(seq) // bs)))
+        self.allocate_kv_cache(len(seqs[0].block_table))
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -1011,15 +988,13 @@ class ModelRunner:
         step = self.prepare(seqs)
         step["logits_rows"] = (step["logits_rows"] * cfg.max_num_seqs)[:cfg.max_num_seqs]  # the largest sampled batch
         logits = self.run(step)
-        if logits is not None:
-            b = logits.shape[0]
-            sample(logits, torch.ones(b, device=self.device), torch.full((b,), 50, device=self.device),
-                   torch.full((b,), 0.9, device=self.device))
+        if logits is not None:  # top-k and top-p on: the sampler at its largest
+            ones = torch.ones(logits.shape[0], device=self.device)
+            sample(logits, ones, (50 * ones).long(), 0.9 * ones)
         torch.cuda.synchronize()
         activations = torch.cuda.max_memory_allocated() - baseline
-        del self.kv_cache, logits
-        for layer in self.model.model.layers:
-            layer.self_attn.attn.k_cache = layer.self_attn.attn.v_cache = None
+        del logits
+        self.allocate_kv_cache(0)  # frees the warm-up cache
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
         budget = total * cfg.gpu_memory_utilization - (total - free) - activations - CUDA_GRAPH_RESERVE_BYTES
@@ -1065,7 +1040,7 @@ class ModelRunner:
             hidden = self.replay(input_ids, positions, meta)
         else:
             hidden = self.model(input_ids, positions, meta)
-        return self.model.compute_logits(hidden[rows])
+        return self.model.lm_head(hidden[rows])
 
     # ---- CUDA graphs: decode steps are replayed from graphs captured once per bucketed batch size
     def capture_cudagraph(self):
@@ -1126,19 +1101,27 @@ def init_workers(config):
     for w in workers:
         w.start()
     try:
-        tp = init_process_group(config, 0, f"file://{store}")
+        tp = init_parallel(config.device, config.tensor_parallel_size, 0, f"file://{store}")
     finally:
         os.unlink(store)  # every rank has opened it by now (or failed)
     return tp, workers, errors
 
 
-def init_process_group(config, rank, init_method):
-    backend = "nccl" if config.device == "cuda" else "gloo"
+def init_parallel(device, tp_size, rank, init_method=None, world_size=None, local_rank=None):
+    # Joins the world (spawned here: tp_size ranks meeting at init_method; torchrun: world_size ranks through
+    # its env:// rendezvous) and returns this rank's tensor-parallel group: a run of tp_size consecutive ranks.
+    world_size = world_size or tp_size
+    backend = "nccl" if device == "cuda" else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=init_method, world_size=config.tensor_parallel_size, rank=rank)
-    control = dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo")
-    return Parallel(rank, config.tensor_parallel_size, dist.group.WORLD, control)
+        torch.cuda.set_device(rank if local_rank is None else local_rank)
+    dist.init_process_group(backend, init_method=init_method, world_size=world_size, rank=rank)
+    groups = []  # every rank creates every group, in the same order
+    for first in range(0, world_size, tp_size):
+        ranks = list(range(first, first + tp_size))
+        group = dist.new_group(ranks)
+        groups.append((group, group if backend == "gloo" else dist.new_group(ranks, backend="gloo")))
+    group, control = groups[rank // tp_size]
+    return Parallel(rank % tp_size, tp_size, group, control)
 
 
 def worker_main(config, rank, store, errors):
@@ -1146,7 +1129,7 @@ def worker_main(config, rank, store, errors):
     import traceback
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle; it ends the workers
     try:
-        ModelRunner(config, init_process_group(config, rank, f"file://{store}")).loop()
+        ModelRunner(config, init_parallel(config.device, config.tensor_parallel_size, rank, f"file://{store}")).loop()
         dist.destroy_process_group()
     except BaseException:
         errors.put(f"tensor-parallel rank {rank} failed:\n{traceback.format_exc()}")
@@ -1192,17 +1175,15 @@ class LLM:
         # end every rank; with a failure (an exception on rank 0's side), raise the workers' own error
         if self.runner is not None and self.runner.tp.size > 1 and failure is None:
             self.runner.call("exit")
-        self.runner = None
+        self.runner, workers, self.workers = None, self.workers, []
         self.requests.clear()
-        for w in self.workers:
+        for w in workers:
             w.join(timeout=5 if failure is None else 0.5)
-            if w.is_alive():
-                w.terminate()
-                w.join()
-        worker_error = None if self.errors is None or self.errors.empty() else self.errors.get()
-        if self.workers and dist.is_initialized():
+            w.terminate()  # no-op for a worker that has ended
+            w.join()
+        worker_error = self.errors.get() if workers and not self.errors.empty() else None
+        if workers and dist.is_initialized():
             dist.destroy_process_group()
-        self.workers = []
         if worker_error:
             raise RuntimeError(worker_error) from failure
         if failure is not None:
@@ -1251,6 +1232,8 @@ class LLM:
                              f"{self.num_kvcache_blocks}: it could never run; shorten it or lower max_tokens")
         seq = Sequence(self.next_request_id, token_ids, params)
         self.next_request_id += 1
+        if params.seed is not None and params.temperature > 0:  # its own draws, whatever else is in the batch
+            seq.generator = torch.Generator(self.runner.device).manual_seed(params.seed)
         return seq
 
     def add_request(self, prompt, sampling_params=None):
@@ -1299,32 +1282,24 @@ class LLM:
         return done
 
     def sample(self, seqs, logits):
-        device = logits.device
-        params = [s.params for s in seqs]
-        vocab = logits.shape[1]
-        seeded = []
-        for row, seq in enumerate(seqs):
-            if seq.params.seed is not None and seq.params.temperature > 0:
-                if seq.generator is None:
-                    seq.generator = torch.Generator(device).manual_seed(seq.params.seed)
-                seeded.append((row, seq.generator))
+        params, vocab = [s.params for s in seqs], logits.shape[1]
+        seeded = [(row, s.generator) for row, s in enumerate(seqs) if s.generator is not None]
         top_k = top_p = None
         if any(p.top_k > 0 or p.top_p < 1 for p in params):
             top_k = self.runner.to_device([p.top_k if p.top_k > 0 else vocab for p in params], torch.int64)
             top_p = self.runner.to_device([p.top_p for p in params], torch.float32)
-        ids = sample(logits, self.runner.to_device([p.temperature for p in params], torch.float32), top_k, top_p, seeded)
-        return ids.tolist()  # the one host synchronisation per step
+        temperature = self.runner.to_device([p.temperature for p in params], torch.float32)
+        return sample(logits, temperature, top_k, top_p, seeded).tolist()  # the one host synchronisation per step
 
     # ---- offline generation and streaming: loops over step()
     def generate(self, prompts, sampling_params=None, use_tqdm=True):
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             raise TypeError("prompts is a list of strings or a list of token-id lists")
         params = sampling_params or SamplingParams()
-        if isinstance(params, (list, tuple)):
-            if len(params) != len(prompts):
-                raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
-        else:
+        if not isinstance(params, (list, tuple)):
             params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
         seqs = [self.make_sequence(p, sp) for p, sp in zip(prompts, params)]  # all checked before any runs
         self.run(seqs, use_tqdm)
         return [self.result(seq) for seq in seqs]
@@ -1453,17 +1428,14 @@ def run_job(llm, input_path, output_path, defaults, shard=(0, 1), use_tqdm=True)
             ids[seq.request_id] = key
     if done:
         print(f"{output_path}: {len(done)} results already there, {len(seqs)} to go", file=sys.stderr)
-    fd = os.open(output_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        if os.path.getsize(output_path) and os.pread(fd, 1, os.path.getsize(output_path) - 1) != b"\n":
-            os.write(fd, b"\n")  # end a line cut short by a crash before appending
+    with open(output_path, "a+b", buffering=0) as out:  # unbuffered: each write() goes straight to the file
+        if out.seek(0, os.SEEK_END) and os.pread(out.fileno(), 1, out.tell() - 1) != b"\n":
+            out.write(b"\n")  # end a line cut short by a crash before appending
 
         def write(seq):  # one write() per line: a kill never leaves half a new line behind
             line = dict(id=json.loads(ids[seq.request_id]), **llm.result(seq), prompt_tokens=seq.num_prompt_tokens)
-            os.write(fd, (json.dumps(line) + "\n").encode())
+            out.write((json.dumps(line) + "\n").encode())
         llm.run(seqs, use_tqdm, on_finish=write)
-    finally:
-        os.close(fd)
 
 
 JOB_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "ignore_eos")
@@ -1495,23 +1467,6 @@ def chat(llm, params, read=input):
 # main(): the command line. Under torchrun, the world splits into data-parallel groups of
 # tensor_parallel_size ranks; each group's first rank runs an engine on its share of the prompts.
 
-def init_torchrun(tp_size, device):
-    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
-    if world % tp_size:
-        raise ValueError(f"torchrun world size {world} is not a multiple of tensor_parallel_size {tp_size}")
-    backend = "nccl" if device == "cuda" else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group(backend)  # torchrun's rendezvous
-    groups = []  # every rank creates every group, in the same order
-    for first in range(0, world, tp_size):
-        ranks = list(range(first, first + tp_size))
-        group = dist.new_group(ranks)
-        groups.append((group, group if backend == "gloo" else dist.new_group(ranks, backend="gloo")))
-    group, control = groups[rank // tp_size]
-    return Parallel(rank % tp_size, tp_size, group, control), rank // tp_size, world // tp_size
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="nanollm: offline generation with a Qwen3 checkpoint")
     p.add_argument("--model", help="local HF checkpoint directory (none: a tiny random demo model)")
@@ -1519,20 +1474,17 @@ def main(argv=None):
     p.add_argument("--chat", action="store_true", help="chat template; without --prompt an interactive chat")
     p.add_argument("--input", help="JSONL job: one {id, prompt | messages, sampling fields} per line")
     p.add_argument("--output", help="JSONL results, appended as requests finish; a rerun resumes")
-    none_types = {"num_kvcache_blocks": int, "device": str, "seed": int}
-    for cls in (Config, SamplingParams):  # flags named after vLLM's, defaults from the dataclasses
-        for f in fields(cls):
-            if f.name in ("model", "stop_token_ids"):
-                continue
-            flag = "--" + f.name.replace("_", "-")
-            if isinstance(f.default, bool):
-                p.add_argument(flag, action="store_true", default=f.default)
-            else:
-                p.add_argument(flag, type=none_types.get(f.name, type(f.default)), default=f.default)
+    none_types = {"num_kvcache_blocks": int, "device": str, "seed": int}  # the fields whose default is None
+    for f in fields(Config)[1:] + fields(SamplingParams):  # flags named after vLLM's, defaults from the dataclasses
+        flag, kind = "--" + f.name.replace("_", "-"), none_types.get(f.name, type(f.default))
+        if kind is bool:
+            p.add_argument(flag, action="store_true", default=f.default)
+        elif f.name != "stop_token_ids":  # the only field without a flag (besides model)
+            p.add_argument(flag, type=kind, default=f.default)
     args = p.parse_args(argv)
     if bool(args.input) != bool(args.output):
         p.error("--input and --output go together")
-    engine_args = {f.name: getattr(args, f.name) for f in fields(Config) if f.name != "model"}
+    engine_args = {f.name: getattr(args, f.name) for f in fields(Config)[1:]}  # all but model
     params = SamplingParams(**{k: getattr(args, k) for k in JOB_SAMPLING_FIELDS})
     model = args.model
     if model is None:
@@ -1540,13 +1492,17 @@ def main(argv=None):
         model = build_random_checkpoint(tempfile.mkdtemp(prefix="nanollm-demo-"))
         print(f"No --model given: built a tiny Qwen3 with RANDOM weights in {model}; its text is gibberish, "
               f"but every part of the engine runs.")
-    parallel, dp_rank, dp_size = None, 0, 1
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        parallel, dp_rank, dp_size = init_torchrun(args.tensor_parallel_size, device)
+    config = Config(model, **engine_args)
+    parallel, dp_rank, dp_size, world = None, 0, 1, int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:  # torchrun
+        tp, rank = config.tensor_parallel_size, int(os.environ["RANK"])
+        if world % tp:
+            raise ValueError(f"torchrun world size {world} is not a multiple of tensor_parallel_size {tp}")
+        parallel = init_parallel(config.device, tp, rank, world_size=world, local_rank=int(os.environ["LOCAL_RANK"]))
+        dp_rank, dp_size = rank // tp, world // tp
     prompts, results = [], None
     if parallel is not None and parallel.rank != 0:  # a tensor-parallel rank: serve its group's first rank
-        ModelRunner(Config(model, **engine_args), parallel).loop()
+        ModelRunner(config, parallel).loop()
     else:
         with LLM(model, parallel=parallel, **engine_args) as llm:
             if args.input:
