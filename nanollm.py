@@ -27,10 +27,12 @@ import argparse
 import functools
 import glob
 import json
-import math
 import os
+import signal
 import sys
+import tempfile
 import time
+import traceback
 from collections import OrderedDict, deque
 from dataclasses import dataclass, fields
 from types import SimpleNamespace
@@ -149,6 +151,7 @@ class Parallel:
     size: int = 1
     group: object = None    # the torch.distributed group for the model's collectives (NCCL or gloo)
     control: object = None  # a gloo group on which rank 0 sends commands to the other ranks
+    first: int = 0          # the global rank of the group's rank 0
 
 
 class ColumnParallelLinear(nn.Module):
@@ -238,9 +241,8 @@ class ParallelLMHead(VocabParallelEmbedding):
     def forward(self, x):  # (B, hidden) -> (B, vocab) logits on the group's first rank, None elsewhere
         logits = F.linear(x, self.weight)
         if self.tp.size > 1:
-            first = dist.get_global_rank(self.tp.group, 0)
             parts = [torch.empty_like(logits) for _ in range(self.tp.size)] if self.tp.rank == 0 else None
-            dist.gather(logits, parts, dst=first, group=self.tp.group)
+            dist.gather(logits, parts, dst=self.tp.first, group=self.tp.group)
             logits = torch.cat(parts, -1) if self.tp.rank == 0 else None
         return logits[:, :self.vocab_size] if logits is not None else None
 
@@ -299,11 +301,12 @@ class Qwen3Attention(nn.Module):
         self.num_heads = cfg.num_attention_heads // tp.size
         self.num_kv_heads = cfg.num_key_value_heads // tp.size
         self.head_dim = cfg.head_dim
-        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, tp)
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads,
+                                          cfg.num_key_value_heads, tp)
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, tp)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)  # Qwen3 normalises each head's q and k
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim)
+        self.attn = PagedAttention(self.head_dim)
 
     def forward(self, positions, x, rope, meta):
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -379,11 +382,9 @@ class Qwen3ForCausalLM(nn.Module):
                 for key in f.keys():
                     if tied and key == "lm_head.weight":
                         continue
-                    name, shard = key, ()
-                    for part, (packed_part, shard_id) in self.packed.items():
-                        if f".{part}." in key:
-                            name, shard = key.replace(part, packed_part), (shard_id,)
-                            break
+                    part = key.split(".")[-2]  # e.g. q_proj, which is shard "q" of qkv_proj
+                    packed_part, *shard = self.packed.get(part, (part,))
+                    name = key.replace(f".{part}.", f".{packed_part}.")
                     param = self.get_parameter(name)
                     loader = getattr(param, "weight_loader", lambda p, w: p.data.copy_(w))  # norms: whole
                     loader(param, f.get_tensor(key), *shard)
@@ -648,7 +649,7 @@ def decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale, num
 
 
 class PagedAttention(nn.Module):
-    def __init__(self, num_heads, num_kv_heads, head_dim):
+    def __init__(self, head_dim):
         super().__init__()
         self.scale = head_dim ** -0.5
         self.k_cache = self.v_cache = torch.tensor([])  # bound to slices of the engine's cache later
@@ -684,7 +685,7 @@ class Sequence:
         self.num_hashed_blocks = 0           # leading blocks already published under a hash
         self.num_scheduled_tokens = 0        # tokens to compute in the current step
         self.num_cached_tokens = 0           # prompt tokens served by the prefix cache
-        self.finish_reason = None            # "stop" or "length" once finished
+        self.finish_reason = None            # "stop", "length" or "abort" once finished
         self.generator = None                # the request's own RNG when params.seed is set
         self.running = False                 # in the scheduler's running list
 
@@ -732,8 +733,7 @@ class BlockManager:
         parent = -1
         for i in range((len(seq) - 1) // self.block_size if self.enable_prefix_caching else 0):
             tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
-            block_id = self.hash_to_block.get(hash((parent, tokens)))
-            block = self.blocks[block_id] if block_id is not None else None
+            block = self.hash_to_block.get(hash((parent, tokens)))
             if block is None or block.parent_hash != parent or block.token_ids != tokens:
                 break
             if block.ref_count == 0:
@@ -749,7 +749,7 @@ class BlockManager:
         for _ in range(self.blocks_needed(seq, num_tokens)):
             block_id, _ = self.free.popitem(last=False)
             block = self.blocks[block_id]
-            if self.hash_to_block.get(block.hash) == block_id:  # evict its old contents
+            if self.hash_to_block.get(block.hash) is block:  # evict its old contents
                 del self.hash_to_block[block.hash]
             block.ref_count, block.hash, block.parent_hash, block.token_ids = 1, -1, -1, ()
             seq.block_table.append(block_id)
@@ -762,7 +762,7 @@ class BlockManager:
             block.parent_hash = self.blocks[seq.block_table[i - 1]].hash if i else -1
             block.token_ids = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
             block.hash = hash((block.parent_hash, block.token_ids))
-            self.hash_to_block.setdefault(block.hash, block.id)  # an equal twin may be published already
+            self.hash_to_block.setdefault(block.hash, block)  # an equal twin may be published already
         seq.num_hashed_blocks = seq.num_computed_tokens // self.block_size
 
     def release(self, seq):  # the tail is freed first, so it is also evicted first
@@ -813,7 +813,7 @@ class Scheduler:
                 return batch
             budget -= self.take(seq, num_tokens, batch)
         # then new (or preempted) sequences in arrival order, while their first chunk fits
-        while self.waiting and budget and len(batch) < self.max_num_seqs and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget and len(self.running) < self.max_num_seqs:  # caps the batch too
             seq = self.waiting[0]
             bm.claim_cached_prefix(seq)
             num_tokens = min(len(seq) - seq.num_computed_tokens, budget)
@@ -853,11 +853,17 @@ class Scheduler:
         return num_tokens
 
     def preempt(self, seq):
-        self.running.remove(seq)
-        seq.running = False
-        self.block_manager.release(seq)
+        self.remove(seq)
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+    def remove(self, seq):  # out of its queue; a running sequence gives its blocks back
+        if seq.running:
+            self.running.remove(seq)
+            seq.running = False
+            self.block_manager.release(seq)
+        else:
+            self.waiting.remove(seq)
 
     def postprocess(self, batch, sampled):
         # sampled: the next token of each sequence whose scheduled tokens reached its end, in batch order
@@ -875,9 +881,7 @@ class Scheduler:
             elif len(seq.completion_token_ids) == p.max_tokens or len(seq) == self.max_model_len:
                 seq.finish_reason = "length"
             if seq.is_finished:
-                self.running.remove(seq)
-                seq.running = False
-                self.block_manager.release(seq)
+                self.remove(seq)
 
 
 # -----------------------------------------------------------------------------
@@ -940,13 +944,13 @@ class ModelRunner:
     # ---- tensor parallelism: rank 0 calls a method, and every other rank runs the same call
     def call(self, method, *args):
         if self.tp.size > 1:
-            dist.broadcast_object_list([(method, args)], src=dist.get_global_rank(self.tp.control, 0), group=self.tp.control)
+            dist.broadcast_object_list([(method, args)], src=self.tp.first, group=self.tp.control)
         return getattr(self, method)(*args)
 
     def loop(self):  # ranks 1..N-1: run rank 0's commands until "exit"
         while True:
             command = [None]
-            dist.broadcast_object_list(command, src=dist.get_global_rank(self.tp.control, 0), group=self.tp.control)
+            dist.broadcast_object_list(command, src=self.tp.first, group=self.tp.control)
             method, args = command[0]
             if method == "exit":
                 return
@@ -960,7 +964,7 @@ class ModelRunner:
         if self.tp.size == 1:
             return [result]
         results = [None] * self.tp.size if self.tp.rank == 0 else None
-        dist.gather_object(result, results, dst=dist.get_global_rank(self.tp.control, 0), group=self.tp.control)
+        dist.gather_object(result, results, dst=self.tp.first, group=self.tp.control)
         return results
 
     def allocate_kv_cache(self, num_blocks):
@@ -1046,24 +1050,23 @@ class ModelRunner:
     def capture_cudagraph(self):
         cfg = self.config
         max_bs = min(cfg.max_num_seqs, 512)
-        self.graph_batch_sizes = sorted({b for b in [1, 2, 4, 8, *range(16, max_bs + 16, 16)] if b < max_bs} | {max_bs})
+        self.graph_batch_sizes = [b for b in [1, 2, 4, 8, *range(16, max_bs, 16)] if b < max_bs] + [max_bs]
         width = -(-cfg.max_model_len // self.block_size)
         with self.device:  # static buffers: a replay reads its inputs from these and writes `hidden`
+            i32 = dict(dtype=torch.int32)
             self.graph_vars = v = dict(
-                input_ids=torch.zeros(max_bs, dtype=torch.int32), positions=torch.zeros(max_bs, dtype=torch.int32),
-                slot_mapping=torch.full((max_bs,), -1, dtype=torch.int32), cu_seqlens_q=torch.arange(max_bs + 1, dtype=torch.int32),
-                context_lens=torch.zeros(max_bs, dtype=torch.int32), block_tables=torch.zeros(max_bs, width, dtype=torch.int32),
+                input_ids=torch.zeros(max_bs, **i32), positions=torch.zeros(max_bs, **i32),
+                slot_mapping=torch.full((max_bs,), -1, **i32), cu_seqlens_q=torch.arange(max_bs + 1, **i32),
+                context_lens=torch.zeros(max_bs, **i32), block_tables=torch.zeros(max_bs, width, **i32),
                 hidden=torch.zeros(max_bs, cfg.hf.hidden_size, dtype=cfg.torch_dtype))
-        pool = None
-        for bs in reversed(self.graph_batch_sizes):  # largest first, so smaller graphs reuse its memory pool
+        pool = torch.cuda.graph_pool_handle()  # one memory pool: captured largest first, smaller graphs reuse it
+        for bs in reversed(self.graph_batch_sizes):
             meta = AttnMeta(v["slot_mapping"][:bs], v["cu_seqlens_q"][:bs + 1], v["context_lens"][:bs],
                             v["block_tables"][:bs], max_seqlen_q=1)
             v["hidden"][:bs] = self.model(v["input_ids"][:bs], v["positions"][:bs], meta)  # warm-up (Triton compile)
-            graph = torch.cuda.CUDAGraph()
+            self.graphs[bs] = graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool):
                 v["hidden"][:bs] = self.model(v["input_ids"][:bs], v["positions"][:bs], meta)
-            pool = graph.pool()
-            self.graphs[bs] = graph
             torch.cuda.synchronize()
         self.max_graph_batch = max_bs
 
@@ -1091,12 +1094,10 @@ CUDA_GRAPH_RESERVE_BYTES = 256 << 20
 # exits; rank 0 then fails its next collective, ends every worker and raises that traceback.
 
 def init_workers(config):
-    import multiprocessing as mp
-    import tempfile
-    ctx = mp.get_context("spawn")
+    ctx = torch.multiprocessing.get_context("spawn")
     store = tempfile.NamedTemporaryFile(prefix="nanollm-rendezvous-", delete=False).name
     errors = ctx.SimpleQueue()
-    workers = [ctx.Process(target=worker_main, args=(config, rank, store, errors), daemon=True)
+    workers = [ctx.Process(target=worker_main, args=(config, rank, f"file://{store}", errors), daemon=True)
                for rank in range(1, config.tensor_parallel_size)]
     for w in workers:
         w.start()
@@ -1118,18 +1119,16 @@ def init_parallel(device, tp_size, rank, init_method=None, world_size=None, loca
     groups = []  # every rank creates every group, in the same order
     for first in range(0, world_size, tp_size):
         ranks = list(range(first, first + tp_size))
-        group = dist.new_group(ranks)
+        group = dist.group.WORLD if tp_size == world_size else dist.new_group(ranks)  # one group: the world
         groups.append((group, group if backend == "gloo" else dist.new_group(ranks, backend="gloo")))
     group, control = groups[rank // tp_size]
-    return Parallel(rank % tp_size, tp_size, group, control)
+    return Parallel(rank % tp_size, tp_size, group, control, first=rank - rank % tp_size)
 
 
-def worker_main(config, rank, store, errors):
-    import signal
-    import traceback
+def worker_main(config, rank, init_method, errors):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle; it ends the workers
     try:
-        ModelRunner(config, init_parallel(config.device, config.tensor_parallel_size, rank, f"file://{store}")).loop()
+        ModelRunner(config, init_parallel(config.device, config.tensor_parallel_size, rank, init_method)).loop()
         dist.destroy_process_group()
     except BaseException:
         errors.put(f"tensor-parallel rank {rank} failed:\n{traceback.format_exc()}")
@@ -1146,7 +1145,7 @@ class LLM:
         self.config = config = Config(model, **kwargs)
         from transformers import AutoTokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(model)
-        self.runner, self.requests, self.workers, self.errors = None, {}, [], None  # requests: id -> unfinished Sequence
+        self.runner, self.requests, self.workers, self.errors = None, {}, [], None  # requests: id -> Sequence
         if parallel is None and config.tensor_parallel_size > 1:
             parallel, self.workers, self.errors = init_workers(config)
         try:
@@ -1249,12 +1248,7 @@ class LLM:
     def abort(self, request_id):
         seq = self.requests.pop(request_id, None)
         if seq is not None and not seq.is_finished:
-            if seq.running:
-                self.scheduler.running.remove(seq)
-                self.block_manager.release(seq)
-                seq.running = False
-            else:
-                self.scheduler.waiting.remove(seq)
+            self.scheduler.remove(seq)
             seq.finish_reason = "abort"
 
     def is_finished(self):
@@ -1273,7 +1267,6 @@ class LLM:
         for seq in batch:
             self.stats["cached_prompt_tokens"] += seq.num_cached_tokens
             seq.num_cached_tokens = 0  # counted once per admission
-        for seq in done:
             if seq.is_finished:
                 self.requests.pop(seq.request_id, None)
         self.stats["prefill_tokens" if is_prefill else "decode_tokens"] += sum(s.num_scheduled_tokens for s in batch)
@@ -1334,8 +1327,7 @@ class LLM:
 
     def stream(self, prompt, sampling_params=None):
         # yields text increments as tokens are decoded; other streams and generate() share the step loop
-        seq = self.make_sequence(prompt, sampling_params or SamplingParams())
-        self.enqueue(seq)
+        seq = self.requests[self.add_request(prompt, sampling_params)]
 
         def pieces():
             sent = ""
@@ -1488,7 +1480,6 @@ def main(argv=None):
     params = SamplingParams(**{k: getattr(args, k) for k in JOB_SAMPLING_FIELDS})
     model = args.model
     if model is None:
-        import tempfile
         model = build_random_checkpoint(tempfile.mkdtemp(prefix="nanollm-demo-"))
         print(f"No --model given: built a tiny Qwen3 with RANDOM weights in {model}; its text is gibberish, "
               f"but every part of the engine runs.")
