@@ -154,43 +154,22 @@ class Parallel:
     first: int = 0          # the global rank of the group's rank 0
 
 
-class ColumnParallelLinear(nn.Module):
-    # y = x @ W.T with W's output rows split over ranks: each rank computes its slice of y
-    def __init__(self, in_features, out_features, tp):
+class MergedColumnParallelLinear(nn.Module):
+    # y = x @ W.T for checkpoint matrices stacked in one matmul (q|k|v or gate|up), each with its output rows
+    # split over ranks: this rank holds [its shard of part 0 | its shard of part 1 | ...] and computes that of y
+    def __init__(self, in_features, out_features, tp):  # out_features: one size per part
         super().__init__()
         self.tp = tp
-        self.weight = nn.Parameter(torch.empty(out_features // tp.size, in_features), requires_grad=False)
+        self.rows = [n // tp.size for n in out_features]
+        self.weight = nn.Parameter(torch.empty(sum(self.rows), in_features), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
 
-    def weight_loader(self, param, loaded):
-        rows = param.shape[0]
-        param.data.copy_(loaded.narrow(0, self.tp.rank * rows, rows))
+    def weight_loader(self, param, loaded, part):
+        start, rows = sum(self.rows[:part]), self.rows[part]
+        param.data[start:start + rows].copy_(loaded.narrow(0, self.tp.rank * rows, rows))
 
     def forward(self, x):
         return F.linear(x, self.weight)
-
-
-class MergedColumnParallelLinear(ColumnParallelLinear):
-    # gate_proj and up_proj stacked in one matmul: rows [gate shard | up shard]
-    def __init__(self, in_features, out_features, tp):
-        super().__init__(in_features, 2 * out_features, tp)
-
-    def weight_loader(self, param, loaded, shard_id):
-        rows = param.shape[0] // 2
-        param.data[shard_id * rows:(shard_id + 1) * rows].copy_(loaded.narrow(0, self.tp.rank * rows, rows))
-
-
-class QKVParallelLinear(ColumnParallelLinear):
-    # q, k and v projections in one matmul; each rank holds its query heads and their KV heads
-    def __init__(self, hidden_size, head_dim, num_heads, num_kv_heads, tp):
-        super().__init__(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, tp)
-        self.q_rows = num_heads // tp.size * head_dim
-        self.kv_rows = num_kv_heads // tp.size * head_dim
-
-    def weight_loader(self, param, loaded, shard_id):
-        start, rows = {"q": (0, self.q_rows), "k": (self.q_rows, self.kv_rows),
-                       "v": (self.q_rows + self.kv_rows, self.kv_rows)}[shard_id]
-        param.data[start:start + rows].copy_(loaded.narrow(0, self.tp.rank * rows, rows))
 
 
 class RowParallelLinear(nn.Module):
@@ -301,16 +280,15 @@ class Qwen3Attention(nn.Module):
         self.num_heads = cfg.num_attention_heads // tp.size
         self.num_kv_heads = cfg.num_key_value_heads // tp.size
         self.head_dim = cfg.head_dim
-        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads,
-                                          cfg.num_key_value_heads, tp)
-        self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, tp)
+        q_size, kv_size = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        self.qkv_proj = MergedColumnParallelLinear(cfg.hidden_size, [q_size, kv_size, kv_size], tp)
+        self.o_proj = RowParallelLinear(q_size, cfg.hidden_size, tp)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)  # Qwen3 normalises each head's q and k
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.attn = PagedAttention(self.head_dim)
 
     def forward(self, positions, x, rope, meta):
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], -1)
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.rows, -1)  # this rank's heads of each
         q = rope(positions, self.q_norm(q.view(-1, self.num_heads, self.head_dim)))
         k = rope(positions, self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim)))
         o = self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim), meta)  # (N, heads, head_dim)
@@ -320,7 +298,7 @@ class Qwen3Attention(nn.Module):
 class Qwen3MLP(nn.Module):
     def __init__(self, cfg, tp):
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, tp)
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, tp)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, tp)
 
     def forward(self, x):
@@ -358,7 +336,7 @@ class Qwen3Model(nn.Module):
 class Qwen3ForCausalLM(nn.Module):
     # attribute paths equal checkpoint keys: model.layers.3.self_attn.q_proj.weight loads into
     # model.layers.3.self_attn.qkv_proj.weight through the packed map below
-    packed = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+    packed = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
               "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
     def __init__(self, cfg, tp):
@@ -382,7 +360,7 @@ class Qwen3ForCausalLM(nn.Module):
                 for key in f.keys():
                     if tied and key == "lm_head.weight":
                         continue
-                    part = key.split(".")[-2]  # e.g. q_proj, which is shard "q" of qkv_proj
+                    part = key.split(".")[-2]  # e.g. q_proj, which is part 0 of qkv_proj
                     packed_part, *shard = self.packed.get(part, (part,))
                     name = key.replace(f".{part}.", f".{packed_part}.")
                     param = self.get_parameter(name)
