@@ -195,8 +195,7 @@ class VocabParallelEmbedding(nn.Module):
     # each rank holds a contiguous slice of the vocabulary (padded to a multiple of the TP size)
     def __init__(self, vocab_size, hidden_size, tp):
         super().__init__()
-        self.tp = tp
-        self.vocab_size = vocab_size
+        self.tp, self.vocab_size = tp, vocab_size
         self.rows = -(-vocab_size // tp.size)
         self.start = tp.rank * self.rows
         self.weight = nn.Parameter(torch.zeros(self.rows, hidden_size), requires_grad=False)
@@ -277,22 +276,19 @@ class RotaryEmbedding(nn.Module):
 class Qwen3Attention(nn.Module):
     def __init__(self, cfg, tp):
         super().__init__()
-        self.num_heads = cfg.num_attention_heads // tp.size
-        self.num_kv_heads = cfg.num_key_value_heads // tp.size
         self.head_dim = cfg.head_dim
         q_size, kv_size = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
         self.qkv_proj = MergedColumnParallelLinear(cfg.hidden_size, [q_size, kv_size, kv_size], tp)
         self.o_proj = RowParallelLinear(q_size, cfg.hidden_size, tp)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)  # Qwen3 normalises each head's q and k
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-        self.attn = PagedAttention(self.head_dim)
+        self.attn = PagedAttention(cfg.head_dim)
 
     def forward(self, positions, x, rope, meta):
-        q, k, v = self.qkv_proj(x).split(self.qkv_proj.rows, -1)  # this rank's heads of each
-        q = rope(positions, self.q_norm(q.view(-1, self.num_heads, self.head_dim)))
-        k = rope(positions, self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim)))
-        o = self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim), meta)  # (N, heads, head_dim)
-        return self.o_proj(o.flatten(1))
+        # this rank's heads: q (N, heads, head_dim), k and v (N, kv_heads, head_dim)
+        q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in self.qkv_proj(x).split(self.qkv_proj.rows, -1))
+        q, k = rope(positions, self.q_norm(q)), rope(positions, self.k_norm(k))
+        return self.o_proj(self.attn(q, k, v, meta).flatten(1))
 
 
 class Qwen3MLP(nn.Module):
@@ -725,12 +721,11 @@ class BlockManager:
 
     def allocate(self, seq, num_tokens):  # fresh blocks for the next num_tokens of seq
         for _ in range(self.blocks_needed(seq, num_tokens)):
-            block_id, _ = self.free.popitem(last=False)
-            block = self.blocks[block_id]
+            block = self.blocks[self.free.popitem(last=False)[0]]  # the least recently freed
             if self.hash_to_block.get(block.hash) is block:  # evict its old contents
                 del self.hash_to_block[block.hash]
             block.ref_count, block.hash, block.parent_hash, block.token_ids = 1, -1, -1, ()
-            seq.block_table.append(block_id)
+            seq.block_table.append(block.id)
 
     def publish(self, seq):  # hash the blocks that just became full of computed tokens
         if not self.enable_prefix_caching:
@@ -782,7 +777,7 @@ class Scheduler:
         batch, budget, bm = [], self.max_num_batched_tokens, self.block_manager
         # first the running sequences still prefilling (chunked prompts), oldest first
         for seq in [s for s in self.running if len(s) - s.num_computed_tokens > 1]:
-            if budget == 0 or len(batch) == self.max_num_seqs:
+            if budget == 0:
                 return batch
             if not seq.running:
                 continue  # preempted just now by an older sequence
@@ -1018,10 +1013,8 @@ class ModelRunner:
         cu = step["cu_seqlens_q"]
         meta = AttnMeta(slots, cu_seqlens_q, context_lens, tables.view(-1, width),
                         max_seqlen_q=max(b - a for a, b in zip(cu, cu[1:])))
-        if meta.max_seqlen_q == 1 and len(input_ids) <= self.max_graph_batch:
-            hidden = self.replay(input_ids, positions, meta)
-        else:
-            hidden = self.model(input_ids, positions, meta)
+        graphed = meta.max_seqlen_q == 1 and len(input_ids) <= self.max_graph_batch
+        hidden = (self.replay if graphed else self.model)(input_ids, positions, meta)
         return self.model.lm_head(hidden[rows])
 
     # ---- CUDA graphs: decode steps are replayed from graphs captured once per bucketed batch size
@@ -1050,12 +1043,11 @@ class ModelRunner:
 
     def replay(self, input_ids, positions, meta):
         bs, v = len(input_ids), self.graph_vars
-        graph_bs = next(b for b in self.graph_batch_sizes if b >= bs)
         v["input_ids"][:bs], v["positions"][:bs] = input_ids, positions
         v["slot_mapping"].fill_(-1)[:bs] = meta.slot_mapping   # padding rows write nothing...
         v["context_lens"].zero_()[:bs] = meta.context_lens     # ...and attend to nothing
         v["block_tables"][:bs, :meta.block_tables.shape[1]] = meta.block_tables
-        self.graphs[graph_bs].replay()
+        self.graphs[next(b for b in self.graph_batch_sizes if b >= bs)].replay()  # the smallest that fits
         return v["hidden"][:bs]
 
 
@@ -1137,8 +1129,7 @@ class LLM:
         self.eos_token_ids = tuple(e for e in eos if e is not None)
         self.scheduler = Scheduler(config, self.block_manager, self.eos_token_ids)
         self.next_request_id = 0
-        # counters since start: tokens computed in prefill and decode steps, prompt tokens served by the
-        # prefix cache, sequences preempted, engine steps
+        # counters since start; prefill_tokens and decode_tokens count the tokens computed in each kind of step
         self.stats = dict(prompt_tokens=0, cached_prompt_tokens=0, prefill_tokens=0, decode_tokens=0,
                           preemptions=0, steps=0)
 
@@ -1177,8 +1168,7 @@ class LLM:
             self.exit(e)
 
     def collective_rpc(self, fn, *args):
-        # run fn(model_runner, *args) on every tensor-parallel rank: for experiments (inspect a shard,
-        # swap weights); returns the ranks' results in rank order
+        # fn(model_runner, *args) on every rank, for experiments (inspect a shard, swap weights); results in rank order
         return self.call("rpc", fn, args)
 
     # ---- requests
@@ -1358,10 +1348,9 @@ def build_random_checkpoint(path, seed=0, dtype=torch.float32, **config):
 # Front ends on the step loop: resumable offline jobs and an interactive chat
 
 def run_job(llm, input_path, output_path, defaults, shard=(0, 1), use_tqdm=True):
-    # Each input line is {"id": ..., "prompt": ... | "messages": [...], optional sampling fields}. Each result
-    # is appended and flushed as soon as its request finishes; ids already in the output are skipped, so
-    # rerunning an interrupted job finishes it without redoing or rewriting anything. With data parallelism
-    # (torchrun), shard = (this group, groups) picks every groups-th line.
+    # Each input line is {"id": ..., "prompt": ... | "messages": [...], optional sampling fields}. Results are
+    # appended as requests finish; ids already in the output are skipped, so rerunning an interrupted job
+    # finishes it without redoing or rewriting anything. shard = (this group, groups) picks every groups-th line.
     done = set()
     if os.path.exists(output_path):
         with open(output_path) as f:
@@ -1456,12 +1445,11 @@ def main(argv=None):
         p.error("--input and --output go together")
     engine_args = {f.name: getattr(args, f.name) for f in fields(Config)[1:]}  # all but model
     params = SamplingParams(**{k: getattr(args, k) for k in JOB_SAMPLING_FIELDS})
-    model = args.model
-    if model is None:
-        model = build_random_checkpoint(tempfile.mkdtemp(prefix="nanollm-demo-"))
-        print(f"No --model given: built a tiny Qwen3 with RANDOM weights in {model}; its text is gibberish, "
+    if args.model is None:
+        args.model = build_random_checkpoint(tempfile.mkdtemp(prefix="nanollm-demo-"))
+        print(f"No --model given: built a tiny Qwen3 with RANDOM weights in {args.model}; its text is gibberish, "
               f"but every part of the engine runs.")
-    config = Config(model, **engine_args)
+    config = Config(args.model, **engine_args)
     parallel, dp_rank, dp_size, world = None, 0, 1, int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:  # torchrun
         tp, rank = config.tensor_parallel_size, int(os.environ["RANK"])
@@ -1473,7 +1461,7 @@ def main(argv=None):
     if parallel is not None and parallel.rank != 0:  # a tensor-parallel rank: serve its group's first rank
         ModelRunner(config, parallel).loop()
     else:
-        with LLM(model, parallel=parallel, **engine_args) as llm:
+        with LLM(args.model, parallel=parallel, **engine_args) as llm:
             if args.input:
                 run_job(llm, args.input, args.output, params, shard=(dp_rank, dp_size))
             elif args.chat and not args.prompt:
