@@ -330,8 +330,7 @@ class Qwen3Model(nn.Module):
 
 
 class Qwen3ForCausalLM(nn.Module):
-    # attribute paths equal checkpoint keys: model.layers.3.self_attn.q_proj.weight loads into
-    # model.layers.3.self_attn.qkv_proj.weight through the packed map below
+    # attribute paths equal checkpoint keys; packed parts load through this map (q_proj: part 0 of qkv_proj)
     packed = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
               "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
@@ -449,8 +448,7 @@ def store_kvcache(key, value, k_cache, v_cache, slot_mapping):
 @triton.jit
 def _load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_ptr, kv_pos, kv_mask, kv_head,
                   BLOCK_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
-    # kv_pos: (BLOCK_N,) positions in the sequence -> K and V tiles (BLOCK_N, HEAD_DIM) in fp32.
-    # Each position looks up its own block id, so a tile may span several cache blocks.
+    # kv_pos: (BLOCK_N,) positions -> K and V tiles (BLOCK_N, HEAD_DIM) in fp32; a tile may span several blocks
     block_id = tl.load(block_table_ptr + kv_pos // BLOCK_SIZE, mask=kv_mask, other=0).to(tl.int64)
     slot = block_id * BLOCK_SIZE + kv_pos % BLOCK_SIZE
     offs = (slot * NUM_KV_HEADS + kv_head)[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
@@ -777,12 +775,10 @@ class Scheduler:
         batch, budget, bm = [], self.max_num_batched_tokens, self.block_manager
         # first the running sequences still prefilling (chunked prompts), oldest first
         for seq in [s for s in self.running if len(s) - s.num_computed_tokens > 1]:
-            if budget == 0:
-                return batch
             if not seq.running:
                 continue  # preempted just now by an older sequence
             num_tokens = min(len(seq) - seq.num_computed_tokens, budget)
-            if not self.make_room(seq, num_tokens):
+            if budget == 0 or not self.make_room(seq, num_tokens):
                 return batch
             budget -= self.take(seq, num_tokens, batch)
         # then new (or preempted) sequences in arrival order, while their first chunk fits
@@ -1304,9 +1300,8 @@ class LLM:
                     finished = seq.is_finished  # read once: other streams may step while this one yields
                     text = self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True)
                     # hold back a split multi-byte character (decoded as U+FFFD) until it is whole
-                    if finished or (len(text) > len(sent) and not text.endswith("\ufffd")):
-                        if text[len(sent):]:
-                            yield text[len(sent):]
+                    if len(text) > len(sent) and (finished or not text.endswith("\ufffd")):
+                        yield text[len(sent):]
                         sent = text
                     if finished:
                         return
@@ -1321,17 +1316,15 @@ class LLM:
 
 def build_random_checkpoint(path, seed=0, dtype=torch.float32, **config):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen3Config
-    from transformers import Qwen3ForCausalLM as HFQwen3ForCausalLM
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM as HFQwen3ForCausalLM
     config = dict(dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
                        tie_word_embeddings=False), **config)
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     tok.train_from_iterator([__doc__] * 4, trainers.BpeTrainer(
-        vocab_size=min(config["vocab_size"], 1000), special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        vocab_size=min(config["vocab_size"], 1000), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -1401,8 +1394,7 @@ JOB_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "i
 
 
 def chat(llm, params, read=input):
-    # keeps the conversation; each turn's prompt starts with the previous turns, so the prefix cache
-    # serves them and a turn costs about its new tokens
+    # keeps the conversation: each turn's prompt starts with the earlier turns, which the prefix cache serves
     messages = []
     print("Chat with the model (random weights talk gibberish). An empty line or Ctrl-D ends it.")
     while True:
