@@ -1111,7 +1111,8 @@ class LLM:
         self.config = config = Config(model, **kwargs)
         from transformers import AutoTokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(model)
-        self.runner, self.requests, self.workers, self.errors = None, {}, [], None  # requests: id -> Sequence
+        self.runner, self.workers, self.errors = None, [], None
+        self.requests = {}  # id -> Sequence, until it finishes or is aborted
         if parallel is None and config.tensor_parallel_size > 1:
             parallel, self.workers, self.errors = init_workers(config)
         try:
