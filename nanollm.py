@@ -1430,7 +1430,7 @@ def main(argv=None):
     for f in fields(Config)[1:] + fields(SamplingParams):  # flags named after vLLM's, defaults from the dataclasses
         flag, kind = "--" + f.name.replace("_", "-"), none_types.get(f.name, type(f.default))
         if kind is bool:
-            p.add_argument(flag, action="store_true", default=f.default)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)  # --x / --no-x
         elif f.name != "stop_token_ids":  # the only field without a flag (besides model)
             p.add_argument(flag, type=kind, default=f.default)
     args = p.parse_args(argv)
