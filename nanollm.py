@@ -847,7 +847,7 @@ class Scheduler:
             p = seq.params
             if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
                 seq.finish_reason = "stop"
-            elif len(seq.completion_token_ids) == p.max_tokens or len(seq) == self.max_model_len:
+            elif len(seq) - seq.num_prompt_tokens == p.max_tokens or len(seq) == self.max_model_len:
                 seq.finish_reason = "length"
             if seq.is_finished:
                 self.remove(seq)
