@@ -961,9 +961,11 @@ class ModelRunner:
         step = self.prepare(seqs)
         step["logits_rows"] = (step["logits_rows"] * cfg.max_num_seqs)[:cfg.max_num_seqs]  # the largest sampled batch
         logits = self.run(step)
-        if logits is not None:  # top-k and top-p on: the sampler at its largest
-            ones = torch.ones(logits.shape[0], device=self.device)
-            sample(logits, ones, (50 * ones).long(), 0.9 * ones)
+        if logits is not None:  # the sampler at its largest, filtered or not; at batch 1 too, so that
+            for rows in (logits, logits[:1]):  # torch.compile never compiles in the middle of a run
+                ones = torch.ones(rows.shape[0], device=self.device)
+                sample(rows, ones, (50 * ones).long(), 0.9 * ones)
+                sample(rows, ones)
         torch.cuda.synchronize()
         activations = torch.cuda.max_memory_allocated() - baseline
         del logits
