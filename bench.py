@@ -1,3 +1,13 @@
+"""
+bench.py: nanollm's throughput against the physical floor of the same work (a benchmark, not a test).
+
+  python bench.py                      # nano-vllm's workload: 256 sequences, random Qwen3-0.6B shape (bf16)
+  python bench.py --single-stream      # one sequence, 1,024 new tokens
+  python bench.py --gpu-memory-gb 8    # the whole engine capped at 8 GB
+  python bench.py --engine hf --num-seqs 64   # HF transformers' continuous batching, same workload
+
+Warm-up is kept out of the timed region; the last line printed is JSON.
+"""
 import argparse
 import json
 import math
