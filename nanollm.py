@@ -1135,17 +1135,19 @@ class LLM:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.exit()
+    def __exit__(self, exc_type, exc, tb):
+        self.exit(abrupt=exc is not None)
 
-    def exit(self, failure=None):
-        # end every rank; with a failure (an exception on rank 0's side), raise the workers' own error
-        if self.runner is not None and self.runner.tp.size > 1 and failure is None:
+    def exit(self, failure=None, abrupt=False):
+        # End every rank. Workers waiting for a command get "exit"; after an error or Ctrl-C in the middle of a
+        # step they may be inside a collective, so they are terminated. A failure raises the workers' own error.
+        abrupt = abrupt or failure is not None
+        if self.runner is not None and self.runner.tp.size > 1 and not abrupt:
             self.runner.call("exit")
         self.runner, workers, self.workers = None, self.workers, []
         self.requests.clear()
         for w in workers:
-            w.join(timeout=5 if failure is None else 0.5)
+            w.join(timeout=0.5 if abrupt else 5)
             w.terminate()  # no-op for a worker that has ended
             w.join()
         worker_error = self.errors.get() if workers and not self.errors.empty() else None

@@ -648,3 +648,24 @@ def test_job_killed_and_rerun_loses_nothing(checkpoints, tmp_path):
     assert results[:len(partial)] == partial  # nothing written before was rewritten
     assert sorted(json.dumps(r["id"]) for r in results) == sorted(expected)  # exactly one line per id
     assert all(r == expected[json.dumps(r["id"])] for r in results)  # equal to the uninterrupted run
+
+
+def test_ctrl_c_ends_every_process(checkpoints):
+    # what a terminal's Ctrl-C does: SIGINT to the whole process group, mid-generation with a spawned rank
+    import signal
+    import subprocess
+    import sys
+    import time
+    cmd = [sys.executable, nanollm.__file__, "--model", checkpoints["gqa2-untied"], "--device", "cpu",
+           "--tensor-parallel-size", "2", "--prompt", "hi", "--max-tokens", "4000", "--ignore-eos"]
+    job = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    out = b""
+    while b"Generating" not in out and job.poll() is None:  # tqdm's bar: both ranks are in the step loop
+        out += job.stdout.read1(4096)
+    time.sleep(1)
+    os.killpg(job.pid, signal.SIGINT)
+    assert job.wait(timeout=60) != 0
+    time.sleep(2)
+    ps = subprocess.run(["ps", "-eo", "pgid=,stat=,pid="], capture_output=True, text=True).stdout.split("\n")
+    assert not [line for line in ps if line.split()[:1] == [str(job.pid)] and not line.split()[1].startswith("Z")]
