@@ -196,7 +196,7 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, vocab_size, hidden_size, tp):
         super().__init__()
         self.tp, self.vocab_size = tp, vocab_size
-        self.rows = -(-vocab_size // tp.size)
+        self.rows = triton.cdiv(vocab_size, tp.size)
         self.start = tp.rank * self.rows
         self.weight = nn.Parameter(torch.zeros(self.rows, hidden_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
@@ -398,7 +398,7 @@ def paged_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, b
     cu, lens = cu_seqlens_q.tolist(), context_lens.tolist()
     for i, ctx in enumerate(lens):
         qi = q[cu[i]:cu[i + 1]].float()                                  # (n, heads, head_dim)
-        blocks = block_tables[i, :-(-ctx // block_size)].long()
+        blocks = block_tables[i, :triton.cdiv(ctx, block_size)].long()
         k = k_cache[blocks].flatten(0, 1)[:ctx].float().repeat_interleave(group, 1)  # (ctx, heads, hd)
         v = v_cache[blocks].flatten(0, 1)[:ctx].float().repeat_interleave(group, 1)
         scores = torch.einsum("nhd,khd->hnk", qi, k) * scale
@@ -696,7 +696,7 @@ class BlockManager:
 
     def blocks_needed(self, seq, num_tokens):  # new blocks for seq to hold num_tokens more tokens
         total = seq.num_computed_tokens + num_tokens
-        return max(0, -(-total // self.block_size) - len(seq.block_table))
+        return max(0, triton.cdiv(total, self.block_size) - len(seq.block_table))
 
     def claim_cached_prefix(self, seq):
         # Take the longest run of published blocks matching the sequence's first full blocks, leaving at
@@ -952,7 +952,7 @@ class ModelRunner:
         n, rest = divmod(cfg.max_num_batched_tokens, cfg.max_model_len)
         seqs = [Sequence(-1, [0] * m, None) for m in [cfg.max_model_len] * n + ([rest] if rest else [])]
         for seq in seqs:  # what the cache holds does not matter here, so all of them share the first blocks
-            seq.num_scheduled_tokens, seq.block_table = len(seq), list(range(-(-len(seq) // bs)))
+            seq.num_scheduled_tokens, seq.block_table = len(seq), list(range(triton.cdiv(len(seq), bs)))
         self.allocate_kv_cache(len(seqs[0].block_table))
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -1020,7 +1020,7 @@ class ModelRunner:
         cfg = self.config
         max_bs = min(cfg.max_num_seqs, 512)
         self.graph_batch_sizes = [b for b in [1, 2, 4, 8, *range(16, max_bs, 16)] if b < max_bs] + [max_bs]
-        width = -(-cfg.max_model_len // self.block_size)
+        width = triton.cdiv(cfg.max_model_len, self.block_size)
         with self.device:  # static buffers: a replay reads its inputs from these and writes `hidden`
             i32 = dict(dtype=torch.int32)
             self.graph_vars = v = dict(
@@ -1194,7 +1194,7 @@ class LLM:
         if len(token_ids) >= cfg.max_model_len:
             raise ValueError(f"prompt of {len(token_ids)} tokens does not fit max_model_len={cfg.max_model_len} "
                              f"with room for one new token")
-        need = -(-min(len(token_ids) + params.max_tokens, cfg.max_model_len) // cfg.kvcache_block_size)
+        need = triton.cdiv(min(len(token_ids) + params.max_tokens, cfg.max_model_len), cfg.kvcache_block_size)
         if need > self.num_kvcache_blocks:
             raise ValueError(f"request needs {need} KV-cache blocks at full length but the cache has only "
                              f"{self.num_kvcache_blocks}: it could never run; shorten it or lower max_tokens")
@@ -1357,7 +1357,7 @@ def run_job(llm, input_path, output_path, defaults, shard=(0, 1), use_tqdm=True)
                     done.add(json.dumps(json.loads(line)["id"]))
                 except (ValueError, KeyError, TypeError):
                     pass  # a line cut short by a crash: its request runs again
-    seqs, ids = [], {}
+    seqs, ids, queued = [], {}, set()  # ids: request id -> the line's id (as JSON); queued: those ids
     with open(input_path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip() or (lineno - 1) % shard[1] != shard[0]:
@@ -1369,9 +1369,9 @@ def run_job(llm, input_path, output_path, defaults, shard=(0, 1), use_tqdm=True)
                 key = json.dumps(item["id"])
                 if key in done:
                     continue
-                if key in ids.values():
+                if key in queued:
                     raise ValueError(f"duplicate id {item['id']!r}")
-                prompt = item.get("prompt") or llm.tokenizer.apply_chat_template(
+                prompt = item["prompt"] if "prompt" in item else llm.tokenizer.apply_chat_template(
                     item["messages"], tokenize=False, add_generation_prompt=True)
                 unknown = set(item) - {"id", "prompt", "messages", *JOB_SAMPLING_FIELDS}
                 if unknown:
@@ -1383,6 +1383,7 @@ def run_job(llm, input_path, output_path, defaults, shard=(0, 1), use_tqdm=True)
                 continue
             seqs.append(seq)
             ids[seq.request_id] = key
+            queued.add(key)
     if done:
         print(f"{output_path}: {len(done)} results already there, {len(seqs)} to go", file=sys.stderr)
     with open(output_path, "a+b", buffering=0) as out:  # unbuffered: each write() goes straight to the file

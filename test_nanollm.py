@@ -610,6 +610,7 @@ def write_job(path, n):
     lines.insert(2, "{not json")
     lines.insert(5, json.dumps({"prompt": "no id"}))
     lines.insert(7, json.dumps({"id": "bad", "prompt": "x", "top_p": 2}))
+    lines += [json.dumps({"id": "q1", "prompt": "a duplicate id"}), json.dumps({"id": "empty", "prompt": ""})]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -628,8 +629,9 @@ def test_job_killed_and_rerun_loses_nothing(checkpoints, tmp_path):
             "--input", str(tmp_path / "in.jsonl")]
     clean = run_cli(*args, "--output", str(tmp_path / "clean.jsonl"))
     assert clean.returncode == 0, clean.stderr[-2000:]
-    for lineno in (3, 6, 8):  # the malformed lines are reported with their numbers and skipped
+    for lineno in (3, 6, 8, 16, 17):  # the malformed lines are reported with their numbers and skipped
         assert f"in.jsonl:{lineno}: skipped" in clean.stderr
+    assert "duplicate id 'q1'" in clean.stderr and "empty prompt" in clean.stderr
     expected = {json.dumps(r["id"]): r for r in read_results(tmp_path / "clean.jsonl")}
     assert len(expected) == 12
     out = tmp_path / "out.jsonl"
