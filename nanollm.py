@@ -28,6 +28,7 @@ import functools
 import glob
 import json
 import os
+import random
 import signal
 import sys
 import tempfile
@@ -226,7 +227,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
 
 def compiled_on_gpu(fn):
-    # torch.compile fuses a leaf function's elementwise ops into one kernel, which the decode CUDA graphs
+    # torch.compile fuses a function's elementwise ops into one or two kernels, which the decode CUDA graphs
     # then replay (measured in the README's notes); CPU tensors take the plain function
     compiled = torch.compile(fn, dynamic=True)
     return functools.wraps(fn)(lambda x, *args: compiled(x, *args) if x.is_cuda else fn(x, *args))
@@ -243,12 +244,23 @@ def apply_rope(x, positions, cos_sin):  # x: (N, heads, head_dim); cos_sin: (max
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
 
 
+@compiled_on_gpu
+def add_rms_norm(x, residual, weight, eps):  # -> (rms_norm(x + residual), x + residual); no residual: x
+    if residual is not None:
+        x = x + residual
+    return rms_norm(x, weight, eps), x
+
+
+@compiled_on_gpu
+def qk_norm_rope(q, k, q_weight, k_weight, eps, positions, cos_sin):  # Qwen3 normalises each head, then RoPE
+    q, k = rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)
+    return apply_rope(q, positions, cos_sin), apply_rope(k, positions, cos_sin)
+
+
+@compiled_on_gpu
 def silu_and_mul(x):  # SwiGLU: x = [gate | up]
     gate, up = x.chunk(2, -1)
     return F.silu(gate) * up
-
-
-rms_norm, apply_rope, silu_and_mul = map(compiled_on_gpu, (rms_norm, apply_rope, silu_and_mul))
 
 
 class RMSNorm(nn.Module):
@@ -257,20 +269,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
-    def forward(self, x):
-        return rms_norm(x, self.weight, self.eps)
+    def forward(self, x, residual=None):  # the residual stream: -> (normalised, x + residual)
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
 
-class RotaryEmbedding(nn.Module):
-    # rotate-half RoPE; cos/sin for every position are computed once in fp32
-    def __init__(self, head_dim, max_position, theta):
-        super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)
-        freqs = torch.outer(torch.arange(max_position, dtype=torch.float), inv_freq)
-        self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], -1), persistent=False)
-
-    def forward(self, positions, x):  # x: (N, heads, head_dim)
-        return apply_rope(x, positions, self.cos_sin)
+def rope_cos_sin(head_dim, max_position, theta):  # (max_position, head_dim): cos | sin of every angle, fp32
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)
+    freqs = torch.outer(torch.arange(max_position, dtype=torch.float), inv_freq)
+    return torch.cat([freqs.cos(), freqs.sin()], -1)
 
 
 class Qwen3Attention(nn.Module):
@@ -284,10 +290,10 @@ class Qwen3Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.attn = PagedAttention(cfg.head_dim)
 
-    def forward(self, positions, x, rope, meta):
+    def forward(self, positions, x, cos_sin, meta):
         # this rank's heads: q (N, heads, head_dim), k and v (N, kv_heads, head_dim)
         q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in self.qkv_proj(x).split(self.qkv_proj.rows, -1))
-        q, k = rope(positions, self.q_norm(q)), rope(positions, self.k_norm(k))
+        q, k = qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, positions, cos_sin)
         return self.o_proj(self.attn(q, k, v, meta).flatten(1))
 
 
@@ -309,9 +315,10 @@ class Qwen3DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = Qwen3MLP(cfg, tp)
 
-    def forward(self, positions, h, rope, meta):
-        h = h + self.self_attn(positions, self.input_layernorm(h), rope, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, positions, h, residual, cos_sin, meta):  # the residual is added inside the norms
+        h, residual = self.input_layernorm(h, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(positions, h, cos_sin, meta), residual)
+        return self.mlp(h), residual
 
 
 class Qwen3Model(nn.Module):
@@ -320,13 +327,14 @@ class Qwen3Model(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg, tp) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
+        self.register_buffer("cos_sin", rope_cos_sin(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta),
+                             persistent=False)
 
     def forward(self, input_ids, positions, meta):
-        h = self.embed_tokens(input_ids)
+        h, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            h = layer(positions, h, self.rotary_emb, meta)
-        return self.norm(h)
+            h, residual = layer(positions, h, residual, self.cos_sin, meta)
+        return self.norm(h, residual)[0]
 
 
 class Qwen3ForCausalLM(nn.Module):
@@ -658,11 +666,15 @@ class Sequence:
         self.num_scheduled_tokens = 0        # tokens to compute in the current step
         self.num_cached_tokens = 0           # prompt tokens served by the prefix cache
         self.finish_reason = None            # "stop", "length" or "abort" once finished
-        self.generator = None                # the request's own RNG when params.seed is set
         self.running = False                 # in the scheduler's running list
+        self.placeholder = None              # -1 - row of its newest token in a sample still on the GPU
 
-    def __len__(self):
-        return len(self.token_ids)
+    def __len__(self):  # the newest token counts while it is still on its way to the host
+        return len(self.token_ids) + (self.placeholder is not None)
+
+    def tokens(self, start, end):  # token ids [start, end), with the placeholder standing in for the newest
+        ids = self.token_ids[start:end]
+        return ids + [self.placeholder] if self.placeholder is not None and end == len(self) else ids
 
     @property
     def completion_token_ids(self):
@@ -826,63 +838,101 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def remove(self, seq):  # out of its queue; a running sequence gives its blocks back
+    def remove(self, seq):  # out of its queue, if in one; a running sequence gives its blocks back
         if seq.running:
             self.running.remove(seq)
             seq.running = False
             self.block_manager.release(seq)
-        else:
+        elif seq in self.waiting:
             self.waiting.remove(seq)
 
-    def postprocess(self, batch, sampled):
-        # sampled: the next token of each sequence whose scheduled tokens reached its end, in batch order
-        sampled = iter(sampled)
+    def postprocess(self, batch, rows):
+        # rows: the sequences whose scheduled tokens reached their end, in the order of the step's sampled ids.
+        # Each gets a placeholder for its new token until finish(); -> the sequences that got one
         for seq in batch:
-            seq.num_computed_tokens += seq.num_scheduled_tokens
-            self.block_manager.publish(seq)
-            if seq.num_computed_tokens < len(seq):
-                continue  # a prompt chunk: the rest comes in later steps
-            token = next(sampled)
-            seq.token_ids.append(token)
-            p = seq.params
-            if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
-                seq.finish_reason = "stop"
-            elif len(seq) - seq.num_prompt_tokens == p.max_tokens or len(seq) == self.max_model_len:
-                seq.finish_reason = "length"
-            if seq.is_finished:
-                self.remove(seq)
+            if seq.running:  # not finished while the step ran
+                seq.num_computed_tokens += seq.num_scheduled_tokens
+                self.block_manager.publish(seq)
+        for row, seq in enumerate(rows):
+            if seq.running:
+                seq.placeholder = -1 - row
+                if len(seq) - seq.num_prompt_tokens == seq.params.max_tokens or len(seq) == self.max_model_len:
+                    self.remove(seq)  # nothing left to compute; finish() gives the reason
+        return [seq for seq in rows if seq.placeholder is not None]
+
+    def finish(self, seq, token):  # the sampled id of seq's placeholder reached the host
+        seq.token_ids.append(token)
+        seq.placeholder = None
+        p = seq.params
+        if seq.is_finished:
+            return  # aborted meanwhile
+        if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
+            seq.finish_reason = "stop"
+        elif len(seq) - seq.num_prompt_tokens == p.max_tokens or len(seq) == self.max_model_len:
+            seq.finish_reason = "length"
+        else:
+            return
+        self.remove(seq)
 
 
 # -----------------------------------------------------------------------------
 # Model runner: batch -> tensors -> forward (CUDA graph replay for decode) -> logits -> sampled tokens
 
-def sample(logits, temperature, top_k=None, top_p=None, seeded=()):
-    # logits: (B, V); temperature: (B,) float, 0 = greedy; top_k: (B,) int64 (V = all) and top_p: (B,)
-    # float, both None when no row filters; seeded: [(row, torch.Generator)] for requests with a seed.
-    # Exponential race: argmax(p / E) with E ~ Exp(1) draws index i with probability p_i.
-    noise = torch.empty(logits.shape, device=logits.device).exponential_()
-    for row, generator in seeded:
-        noise[row].exponential_(generator=generator)
-    return sample_with_noise(logits, temperature, top_k, top_p, noise)
-
-
-def sample_with_noise(logits, temperature, top_k, top_p, noise):
-    logits = logits.float()
-    greedy = logits.argmax(-1)
-    logits = logits / temperature.clamp(min=1e-6).unsqueeze(1)
+def sample(logits, temperature, seeds, top_k=None, top_p=None):
+    # logits: (B, V); temperature: (B,) float, 0 = greedy; seeds: (B,) int32, each row's random stream;
+    # top_k: (B,) int64 (V = all) and top_p: (B,) float, both None when no row filters. -> (B,) int32 ids
     if top_k is not None:
-        # sort once; drop ranks >= top_k, then the tail past top_p of the renormalised rest
-        sorted_logits, order = logits.sort(-1, descending=True)
-        ranks = torch.arange(logits.shape[1], device=logits.device)
-        sorted_logits.masked_fill_(ranks >= top_k.unsqueeze(1), float("-inf"))
-        probs = sorted_logits.softmax(-1)
-        mass_before = probs.cumsum(-1) - probs  # probability of the better tokens
-        sorted_logits.masked_fill_(mass_before >= top_p.unsqueeze(1), float("-inf"))
-        logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
-    return torch.where(temperature == 0, greedy, (logits.softmax(-1) / noise).argmax(-1))
+        logits = filter_top_k_top_p(logits, temperature, top_k, top_p)
+    return (sample_triton if logits.is_cuda else sample_reference)(logits, temperature, seeds)
 
 
-sample_with_noise = compiled_on_gpu(sample_with_noise)
+@compiled_on_gpu
+def filter_top_k_top_p(logits, temperature, top_k, top_p):  # -> logits, -inf outside each row's kept set
+    # sort once; drop ranks >= top_k, then the tail past top_p of the renormalised rest
+    sorted_logits, order = (logits.float() / temperature.clamp(min=1e-6).unsqueeze(1)).sort(-1, descending=True)
+    dropped = torch.arange(logits.shape[1], device=logits.device) >= top_k.unsqueeze(1)
+    probs = sorted_logits.masked_fill(dropped, float("-inf")).softmax(-1)
+    dropped |= probs.cumsum(-1) - probs >= top_p.unsqueeze(1)  # the mass of the better tokens reached top_p
+    return logits.masked_fill(torch.empty_like(dropped).scatter_(1, order, dropped), float("-inf"))
+
+
+def sample_reference(logits, temperature, seeds):
+    # The exponential race: with E_i ~ Exp(1), argmax(p_i / E_i) is index i with probability p_i. In logs,
+    # argmax(logits / T - log E) with E = -log U, U uniform in [0, 1) drawn from the row's seed.
+    uniform = torch.stack([torch.rand(logits.shape[1], generator=torch.Generator().manual_seed(s))
+                           for s in seeds.tolist()]).to(logits.device)
+    race = logits.float() / temperature.clamp(min=1e-6).unsqueeze(1) - (-uniform.log()).log()
+    return torch.where(temperature == 0, logits.argmax(-1), race.argmax(-1)).int()
+
+
+@triton.jit
+def _sample_kernel(logits_ptr, temperature_ptr, seed_ptr, best_ptr, best_index_ptr, vocab, row_stride,
+                   PART: tl.constexpr, BLOCK: tl.constexpr):
+    # program (row, part) runs the race over entries [part * PART, (part + 1) * PART) of its row's vocabulary
+    row, part = tl.program_id(0), tl.program_id(1)
+    temperature, seed = tl.load(temperature_ptr + row), tl.load(seed_ptr + row)
+    best = tl.full([BLOCK], float("-inf"), tl.float32)  # per lane: the best score so far and its index
+    best_index = tl.zeros([BLOCK], tl.int32)
+    for start in range(part * PART, (part + 1) * PART, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        logit = tl.load(logits_ptr + row * row_stride + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+        race = logit / tl.maximum(temperature, 1e-6) - tl.log(-tl.log(tl.rand(seed, cols)))
+        score = tl.where(temperature > 0, race, logit)
+        better = score > best
+        best, best_index = tl.where(better, score, best), tl.where(better, cols, best_index)
+    top = tl.max(best, 0)  # ties go to the lowest index, as in torch.argmax
+    tl.store(best_ptr + row * tl.num_programs(1) + part, top)
+    tl.store(best_index_ptr + row * tl.num_programs(1) + part, tl.min(tl.where(best == top, best_index, vocab), 0))
+
+
+def sample_triton(logits, temperature, seeds, part=8192, block=1024):
+    rows, vocab = logits.shape
+    parts = triton.cdiv(vocab, part)  # the row is split so that even one row fills the GPU
+    best = torch.empty(rows, parts, device=logits.device)
+    best_index = torch.empty(rows, parts, dtype=torch.int32, device=logits.device)
+    _sample_kernel[(rows, parts)](logits, temperature, seeds, best, best_index, vocab, logits.stride(0),
+                                  PART=part, BLOCK=min(block, part))
+    return best_index.gather(1, best.argmax(1, keepdim=True)).squeeze(1)
 
 
 class ModelRunner:
@@ -964,8 +1014,7 @@ class ModelRunner:
         if logits is not None:  # the sampler at its largest, filtered or not; at batch 1 too, so that
             for rows in (logits, logits[:1]):  # torch.compile never compiles in the middle of a run
                 ones = torch.ones(rows.shape[0], device=self.device)
-                sample(rows, ones, (50 * ones).long(), 0.9 * ones)
-                sample(rows, ones)
+                sample(rows, ones, ones.int(), (50 * ones).long(), 0.9 * ones)
         torch.cuda.synchronize()
         activations = torch.cuda.max_memory_allocated() - baseline
         del logits
@@ -989,7 +1038,7 @@ class ModelRunner:
                     block_tables=[], logits_rows=[])
         for seq in batch:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_scheduled_tokens
-            step["input_ids"] += seq.token_ids[start:end]
+            step["input_ids"] += seq.tokens(start, end)
             step["positions"] += range(start, end)
             step["slot_mapping"] += [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
             step["cu_seqlens_q"].append(step["cu_seqlens_q"][-1] + end - start)
@@ -1000,7 +1049,7 @@ class ModelRunner:
         return step
 
     @torch.inference_mode()
-    def run(self, step):  # -> (rows, vocab) logits on the group's first rank, None on the others
+    def run(self, step, sampled=None):  # -> (rows, vocab) logits on the group's first rank, None on the others
         # one host-to-device copy for all the step's int32 inputs, then views of it
         names = ["input_ids", "positions", "slot_mapping", "cu_seqlens_q", "context_lens", "logits_rows"]
         width = max(map(len, step["block_tables"]))
@@ -1008,6 +1057,8 @@ class ModelRunner:
         flat = self.to_device([x for name in names for x in step[name]] + tables)
         input_ids, positions, slots, cu_seqlens_q, context_lens, rows, tables = flat.split(
             [len(step[name]) for name in names] + [len(tables)])
+        if sampled is not None:  # input -1 - row: that row of the previous step's sampled ids, still on the GPU
+            input_ids = torch.where(input_ids < 0, sampled[(-1 - input_ids).clamp(min=0)].int(), input_ids)
         cu = step["cu_seqlens_q"]
         meta = AttnMeta(slots, cu_seqlens_q, context_lens, tables.view(-1, width),
                         max_seqlen_q=max(b - a for a, b in zip(cu, cu[1:])))
@@ -1115,6 +1166,7 @@ class LLM:
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.runner, self.workers, self.errors = None, [], None
         self.requests = {}  # id -> Sequence, until it finishes or is aborted
+        self.pending = None  # the last step's sampled ids on their way to the host (see step())
         if parallel is None and config.tensor_parallel_size > 1:
             parallel, self.workers, self.errors = init_workers(config)
         try:
@@ -1144,7 +1196,7 @@ class LLM:
         abrupt = abrupt or failure is not None
         if self.runner is not None and self.runner.tp.size > 1 and not abrupt:
             self.runner.call("exit")
-        self.runner, workers, self.workers = None, self.workers, []
+        self.runner, workers, self.workers, self.pending = None, self.workers, [], None
         self.requests.clear()
         for w in workers:
             w.join(timeout=0.5 if abrupt else 5)
@@ -1200,8 +1252,6 @@ class LLM:
                              f"{self.num_kvcache_blocks}: it could never run; shorten it or lower max_tokens")
         seq = Sequence(self.next_request_id, token_ids, params)
         self.next_request_id += 1
-        if params.seed is not None and params.temperature > 0:  # its own draws, whatever else is in the batch
-            seq.generator = torch.Generator(self.runner.device).manual_seed(params.seed)
         return seq
 
     def add_request(self, prompt, sampling_params=None):
@@ -1221,37 +1271,63 @@ class LLM:
             seq.finish_reason = "abort"
 
     def is_finished(self):
-        return self.scheduler.is_finished()
+        return self.scheduler.is_finished() and self.pending is None
 
     # ---- one step of the engine: schedule, run the model, sample, update the sequences
+    # The host works one step ahead of the GPU: step N+1 is scheduled and launched before step N's sampled
+    # ids are read back, so the GPU never waits for Python. Until then each new token is a placeholder,
+    # -1 - its row in step N's sample, which run() swaps for the real id on the device. The model on other
+    # tensor-parallel ranks has no sample to read from, so with TP each step's ids are read back first.
     def step(self):
-        # -> the sequences that got a new token (finished ones included)
+        # -> the sequences whose new token reached the host (finished ones included)
+        done = self.resolve() if self.config.tensor_parallel_size > 1 else []
         batch, is_prefill = self.scheduler.schedule()
         if not batch:
-            return []
-        logits = self.call("run", self.runner.prepare(batch))
-        done = [seq for seq in batch if seq.num_computed_tokens + seq.num_scheduled_tokens == len(seq)]
-        sampled = self.sample(done, logits) if done else []
-        self.scheduler.postprocess(batch, sampled)
+            return done + self.resolve()
+        previous_ids = self.pending[1] if self.pending else None
+        logits = self.call("run", self.runner.prepare(batch), previous_ids)
+        rows = [seq for seq in batch if seq.num_computed_tokens + seq.num_scheduled_tokens == len(seq)]
+        sampled = self.sample(rows, logits) if rows else None
+        done += self.resolve()  # step N's ids: queued for the host before step N+1's work
+        waiting = self.scheduler.postprocess(batch, rows)
+        self.pending = (waiting, *sampled) if waiting else None
         for seq in batch:
             self.stats["cached_prompt_tokens"] += seq.num_cached_tokens
             seq.num_cached_tokens = 0  # counted once per admission
-            if seq.is_finished:
-                self.requests.pop(seq.request_id, None)
         self.stats["prefill_tokens" if is_prefill else "decode_tokens"] += sum(s.num_scheduled_tokens for s in batch)
         self.stats["preemptions"] = self.scheduler.num_preemptions
         self.stats["steps"] += 1
         return done
 
-    def sample(self, seqs, logits):
+    def sample(self, seqs, logits):  # -> the sampled ids on the device, their copy on its way to the host, its event
         params, vocab = [s.params for s in seqs], logits.shape[1]
-        seeded = [(row, s.generator) for row, s in enumerate(seqs) if s.generator is not None]
+        # a request with a seed draws from a stream given by its seed and length, whatever else is in the batch
+        seeds = [(p.seed * 1000003 + len(s)) % 2**31 if p.seed is not None else random.getrandbits(31)
+                 for p, s in zip(params, seqs)]
         top_k = top_p = None
         if any(p.top_k > 0 or p.top_p < 1 for p in params):
             top_k = self.runner.to_device([p.top_k if p.top_k > 0 else vocab for p in params], torch.int64)
             top_p = self.runner.to_device([p.top_p for p in params], torch.float32)
         temperature = self.runner.to_device([p.temperature for p in params], torch.float32)
-        return sample(logits, temperature, top_k, top_p, seeded).tolist()  # the one host synchronisation per step
+        ids = sample(logits, temperature, self.runner.to_device(seeds), top_k, top_p)
+        host = ids.to("cpu", non_blocking=True)  # into pinned memory, without waiting
+        copied = torch.cuda.Event() if ids.is_cuda else None
+        if copied is not None:
+            copied.record()
+        return ids, host, copied
+
+    def resolve(self):  # the previous step's sampled ids reach the host; -> the sequences that got one
+        if self.pending is None:
+            return []
+        (seqs, _, host, copied), self.pending = self.pending, None
+        if copied is not None:
+            copied.synchronize()  # the one wait for the GPU per step
+        tokens = host.tolist()
+        for seq in seqs:
+            self.scheduler.finish(seq, tokens[-1 - seq.placeholder])
+            if seq.is_finished:
+                self.requests.pop(seq.request_id, None)
+        return seqs
 
     # ---- offline generation and streaming: loops over step()
     def generate(self, prompts, sampling_params=None, use_tqdm=True):

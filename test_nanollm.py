@@ -240,18 +240,40 @@ def reference_probs(logits, temperature, top_k, top_p):
     return out / out.sum()
 
 
-@pytest.mark.parametrize("top_k, top_p", [(5, 1.0), (50, 0.6), (-1, 0.3)])
-def test_sampler_matches_reference_distribution(top_k, top_p):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])  # torch reference; Triton kernel
+@pytest.mark.parametrize("top_k, top_p", [(5, 1.0), (50, 0.6), (-1, 0.3), (-1, 1.0)])
+def test_sampler_matches_reference_distribution(top_k, top_p, device):
     torch.manual_seed(0)
     vocab, draws = 50, 20000
     logits = torch.randn(vocab) * 2
     ref = reference_probs(logits, 0.8, top_k if top_k > 0 else vocab, top_p)
-    rows = logits.expand(draws, vocab).contiguous()
-    ids = nanollm.sample(rows, torch.full((draws,), 0.8), torch.full((draws,), top_k if top_k > 0 else vocab),
-                         torch.full((draws,), top_p), [])
+    rows = logits.expand(draws, vocab).contiguous().to(device)
+    full = lambda value, dtype=torch.float32: torch.full((draws,), value, dtype=dtype, device=device)
+    filters = (full(top_k if top_k > 0 else vocab, torch.int64), full(top_p)) if (top_k, top_p) != (-1, 1.0) else ()
+    seeds = torch.randint(2**31, (draws,), dtype=torch.int32, device=device)
+    ids = nanollm.sample(rows, full(0.8), seeds, *filters).cpu()
     freq = torch.bincount(ids, minlength=vocab).float() / draws
     assert set(ids.unique().tolist()) <= set(ref.nonzero().flatten().tolist())  # never outside the set
     assert (freq - ref).abs().max() < 0.02
+
+
+def test_sample_kernel():
+    # Triton's race against the same distribution (few draws on a CPU: the interpreter runs a program per row),
+    # greedy rows equal argmax, masked entries never win, and a seed repeats its draw
+    draws, logits = 300 if DEVICE == "cpu" else 20000, torch.tensor([2.0, 1.3, 0.0, -1.5])
+    rows = logits.expand(draws, 4).contiguous().to(DEVICE)
+    temperature = torch.full((draws,), 0.8, device=DEVICE)
+    seeds = torch.randint(2**31, (draws,), dtype=torch.int32, device=DEVICE)
+    ids = nanollm.sample_triton(rows, temperature, seeds, part=4, block=4)
+    freq = torch.bincount(ids.long().cpu(), minlength=4).float() / draws
+    assert (freq - (logits / 0.8).softmax(-1)).abs().max() < (0.1 if DEVICE == "cpu" else 0.02)
+    assert torch.equal(nanollm.sample_triton(rows, temperature, seeds, part=4, block=4), ids)
+    noisy = torch.randn(8, 40, device=DEVICE)
+    noisy[:, 5] = float("-inf")
+    greedy = nanollm.sample_triton(noisy, torch.zeros(8, device=DEVICE), seeds[:8], part=16, block=8)
+    assert torch.equal(greedy.long(), noisy.argmax(-1))
+    hot = nanollm.sample_triton(noisy, torch.full((8,), 100.0, device=DEVICE), seeds[:8], part=16, block=8)
+    assert (hot != 5).all()
 
 
 # ---------------------------------------------------------------- bad input: clear errors, engine unharmed
