@@ -479,7 +479,7 @@ def _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, PRECISION: t
     return m_new, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["block_tables_stride"])  # the table width changes from step to step
 def _prefill_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, context_lens_ptr, block_tables_ptr,
         qk_scale, q_stride_token, q_stride_head, block_tables_stride,
@@ -1050,13 +1050,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, step, sampled=None):  # -> (rows, vocab) logits on the group's first rank, None on the others
-        # one host-to-device copy for all the step's int32 inputs, then views of it
-        names = ["input_ids", "positions", "slot_mapping", "cu_seqlens_q", "context_lens", "logits_rows"]
+        # one host-to-device copy for all the step's int32 inputs, then views of it. Nothing may compile mid-run:
+        # Triton compiles a kernel per pointer alignment, so each view is 16-byte aligned, and torch.compile
+        # guards on the storage offset of `positions`, so that view comes first.
+        names = ["positions", "input_ids", "slot_mapping", "cu_seqlens_q", "context_lens", "logits_rows"]
         width = max(map(len, step["block_tables"]))
-        tables = [b for t in step["block_tables"] for b in t + [0] * (width - len(t))]
-        flat = self.to_device([x for name in names for x in step[name]] + tables)
-        input_ids, positions, slots, cu_seqlens_q, context_lens, rows, tables = flat.split(
-            [len(step[name]) for name in names] + [len(tables)])
+        parts = [step[name] for name in names] + [[b for t in step["block_tables"] for b in t + [0] * (width - len(t))]]
+        flat = self.to_device([x for part in parts for x in part + [0] * (-len(part) % 4)])
+        positions, input_ids, slots, cu_seqlens_q, context_lens, rows, tables = flat.split(
+            [n for part in parts for n in (len(part), -len(part) % 4)])[::2]
         if sampled is not None:  # input -1 - row: that row of the previous step's sampled ids, still on the GPU
             input_ids = torch.where(input_ids < 0, sampled[(-1 - input_ids).clamp(min=0)].int(), input_ids)
         cu = step["cu_seqlens_q"]
@@ -1067,6 +1069,7 @@ class ModelRunner:
         return self.model.lm_head(hidden[rows])
 
     # ---- CUDA graphs: decode steps are replayed from graphs captured once per bucketed batch size
+    @torch.inference_mode()  # as run() is: torch.compile compiles once per grad mode
     def capture_cudagraph(self):
         cfg = self.config
         max_bs = min(cfg.max_num_seqs, 512)
