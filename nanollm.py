@@ -672,10 +672,6 @@ class Sequence:
     def __len__(self):  # the newest token counts while it is still on its way to the host
         return len(self.token_ids) + (self.placeholder is not None)
 
-    def tokens(self, start, end):  # token ids [start, end), with the placeholder standing in for the newest
-        ids = self.token_ids[start:end]
-        return ids + [self.placeholder] if self.placeholder is not None and end == len(self) else ids
-
     @property
     def completion_token_ids(self):
         return self.token_ids[self.num_prompt_tokens:]
@@ -856,7 +852,7 @@ class Scheduler:
         for row, seq in enumerate(rows):
             if seq.running:
                 seq.placeholder = -1 - row
-                if len(seq) - seq.num_prompt_tokens == seq.params.max_tokens or len(seq) == self.max_model_len:
+                if self.at_length_limit(seq):
                     self.remove(seq)  # nothing left to compute; finish() gives the reason
         return [seq for seq in rows if seq.placeholder is not None]
 
@@ -864,15 +860,13 @@ class Scheduler:
         seq.token_ids.append(token)
         seq.placeholder = None
         p = seq.params
-        if seq.is_finished:
-            return  # aborted meanwhile
-        if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
-            seq.finish_reason = "stop"
-        elif len(seq) - seq.num_prompt_tokens == p.max_tokens or len(seq) == self.max_model_len:
-            seq.finish_reason = "length"
-        else:
-            return
-        self.remove(seq)
+        stop = (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids
+        if not seq.is_finished and (stop or self.at_length_limit(seq)):  # (an aborted one is finished)
+            seq.finish_reason = "stop" if stop else "length"
+            self.remove(seq)
+
+    def at_length_limit(self, seq):
+        return len(seq) - seq.num_prompt_tokens == seq.params.max_tokens or len(seq) == self.max_model_len
 
 
 # -----------------------------------------------------------------------------
@@ -929,7 +923,7 @@ def sample_triton(logits, temperature, seeds, part=8192, block=1024):
     rows, vocab = logits.shape
     parts = triton.cdiv(vocab, part)  # the row is split so that even one row fills the GPU
     best = torch.empty(rows, parts, device=logits.device)
-    best_index = torch.empty(rows, parts, dtype=torch.int32, device=logits.device)
+    best_index = torch.empty_like(best, dtype=torch.int32)
     _sample_kernel[(rows, parts)](logits, temperature, seeds, best, best_index, vocab, logits.stride(0),
                                   PART=part, BLOCK=min(block, part))
     return best_index.gather(1, best.argmax(1, keepdim=True)).squeeze(1)
@@ -995,7 +989,7 @@ class ModelRunner:
 
     def measure_kv_cache_blocks(self):
         if self.device.type == "cpu":  # a fixed budget: the CPU path is for learning and tests
-            return max(1, CPU_KV_CACHE_BYTES // self.block_bytes)
+            return max(1, (1 << 30) // self.block_bytes)  # 1 GiB
         # warm up with the largest prefill and the largest sampled batch, then give the KV cache what is
         # left of gpu_memory_utilization after the weights, other processes and that activation peak
         cfg, bs = self.config, self.block_size
@@ -1021,7 +1015,7 @@ class ModelRunner:
         self.allocate_kv_cache(0)  # frees the warm-up cache
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
-        budget = total * cfg.gpu_memory_utilization - (total - free) - activations - CUDA_GRAPH_RESERVE_BYTES
+        budget = total * cfg.gpu_memory_utilization - (total - free) - activations - (256 << 20)  # for CUDA graphs
         if budget < self.block_bytes:
             raise RuntimeError(f"no GPU memory left for the KV cache: {budget / 2**30:.2f} GiB after weights "
                                f"and activations; raise gpu_memory_utilization or lower max_num_batched_tokens")
@@ -1038,7 +1032,7 @@ class ModelRunner:
                     block_tables=[], logits_rows=[])
         for seq in batch:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_scheduled_tokens
-            step["input_ids"] += seq.tokens(start, end)
+            step["input_ids"] += seq.token_ids[start:end] + ([seq.placeholder] if end > len(seq.token_ids) else [])
             step["positions"] += range(start, end)
             step["slot_mapping"] += [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
             step["cu_seqlens_q"].append(step["cu_seqlens_q"][-1] + end - start)
@@ -1101,10 +1095,6 @@ class ModelRunner:
         v["block_tables"][:bs, :meta.block_tables.shape[1]] = meta.block_tables
         self.graphs[next(b for b in self.graph_batch_sizes if b >= bs)].replay()  # the smallest that fits
         return v["hidden"][:bs]
-
-
-CPU_KV_CACHE_BYTES = 1 << 30
-CUDA_GRAPH_RESERVE_BYTES = 256 << 20
 
 
 # -----------------------------------------------------------------------------
