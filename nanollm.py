@@ -143,8 +143,7 @@ class SamplingParams:
 
 # -----------------------------------------------------------------------------
 # Model: tensor-parallel linear layers, then Qwen3 built from them
-# Each layer holds this rank's shard and knows how to cut its shard out of a full checkpoint tensor
-# (`weight_loader`). With one rank the shard is the whole tensor.
+# Each layer holds this rank's shard; its `weight_loader` cuts that out of a full checkpoint tensor (one rank: all).
 
 @dataclass
 class Parallel:
@@ -163,7 +162,6 @@ class MergedColumnParallelLinear(nn.Module):
         self.tp = tp
         self.rows = [n // tp.size for n in out_features]
         self.weight = nn.Parameter(torch.empty(sum(self.rows), in_features), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param, loaded, part):
         start, rows = sum(self.rows[:part]), self.rows[part]
@@ -179,7 +177,6 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.tp = tp
         self.weight = nn.Parameter(torch.empty(out_features, in_features // tp.size), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param, loaded):
         cols = param.shape[1]
@@ -200,7 +197,6 @@ class VocabParallelEmbedding(nn.Module):
         self.rows = triton.cdiv(vocab_size, tp.size)
         self.start = tp.rank * self.rows
         self.weight = nn.Parameter(torch.zeros(self.rows, hidden_size), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param, loaded):
         part = loaded[self.start:self.start + self.rows]
@@ -286,8 +282,7 @@ class Qwen3Attention(nn.Module):
         q_size, kv_size = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
         self.qkv_proj = MergedColumnParallelLinear(cfg.hidden_size, [q_size, kv_size, kv_size], tp)
         self.o_proj = RowParallelLinear(q_size, cfg.hidden_size, tp)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)  # Qwen3 normalises each head's q and k
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps), RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.attn = PagedAttention(cfg.head_dim)
 
     def forward(self, positions, x, cos_sin, meta):
@@ -366,9 +361,9 @@ class Qwen3ForCausalLM(nn.Module):
                     part = key.split(".")[-2]  # e.g. q_proj, which is part 0 of qkv_proj
                     packed_part, *shard = self.packed.get(part, (part,))
                     name = key.replace(f".{part}.", f".{packed_part}.")
-                    param = self.get_parameter(name)
-                    loader = getattr(param, "weight_loader", lambda p, w: p.data.copy_(w))  # norms: whole
-                    loader(param, f.get_tensor(key), *shard)
+                    module = self.get_submodule(name.rpartition(".")[0])
+                    loader = getattr(module, "weight_loader", lambda p, w: p.data.copy_(w))  # norms: whole
+                    loader(self.get_parameter(name), f.get_tensor(key), *shard)
                     missing.discard(name)
         if missing:
             raise ValueError(f"checkpoint {path!r} lacks weights: {sorted(missing)[:5]}")
@@ -448,9 +443,8 @@ def store_kvcache(key, value, k_cache, v_cache, slot_mapping):
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.stride(1) == row_size
     if num_tokens == 0:
         return
-    _store_kvcache_kernel[(num_tokens,)](
-        key, value, k_cache, v_cache, slot_mapping, key.stride(0), value.stride(0),
-        ROW_SIZE=row_size, ROW_PAD=triton.next_power_of_2(row_size))
+    _store_kvcache_kernel[(num_tokens,)](key, value, k_cache, v_cache, slot_mapping, key.stride(0), value.stride(0),
+                                         ROW_SIZE=row_size, ROW_PAD=triton.next_power_of_2(row_size))
 
 
 @triton.jit
@@ -519,8 +513,7 @@ def _prefill_attention_kernel(
     tl.store(out_ptr + out_offs, acc / l_i[:, None], mask=row_mask[:, None])
 
 
-def prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q,
-                      out=None):
+def prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q, out=None):
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
@@ -622,9 +615,8 @@ def decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale, num
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, NUM_SPLITS=num_splits,
         PRECISION="ieee" if fp32 else "tf32", num_warps=4)
-    _decode_reduce_kernel[(batch * num_heads,)](
-        part_m, part_l, part_acc, out, NUM_SPLITS=num_splits,
-        SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim)
+    _decode_reduce_kernel[(batch * num_heads,)](part_m, part_l, part_acc, out, NUM_SPLITS=num_splits,
+                                                SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim)
     return out
 
 
