@@ -755,9 +755,7 @@ class BlockManager:
 
 class Scheduler:
     def __init__(self, config, block_manager, eos_token_ids):
-        self.max_num_seqs = config.max_num_seqs
-        self.max_num_batched_tokens = config.max_num_batched_tokens
-        self.max_model_len = config.max_model_len
+        self.config = config
         self.block_manager = block_manager
         self.eos_token_ids = set(eos_token_ids)
         self.waiting = deque()   # not admitted, or preempted (at the front)
@@ -772,7 +770,7 @@ class Scheduler:
         return (batch, True) if batch else (self.schedule_decode(), False)
 
     def schedule_prefill(self):
-        batch, budget, bm = [], self.max_num_batched_tokens, self.block_manager
+        batch, budget, bm = [], self.config.max_num_batched_tokens, self.block_manager
         # first the running sequences still prefilling (chunked prompts), oldest first
         for seq in [s for s in self.running if len(s) - s.num_computed_tokens > 1]:
             if not seq.running:
@@ -782,7 +780,7 @@ class Scheduler:
                 return batch
             budget -= self.take(seq, num_tokens, batch)
         # then new (or preempted) sequences in arrival order, while their first chunk fits
-        while self.waiting and budget and len(self.running) < self.max_num_seqs:  # caps the batch too
+        while self.waiting and budget and len(self.running) < self.config.max_num_seqs:  # caps the batch too
             seq = self.waiting[0]
             bm.claim_cached_prefix(seq)
             num_tokens = min(len(seq) - seq.num_computed_tokens, budget)
@@ -858,7 +856,7 @@ class Scheduler:
             self.remove(seq)
 
     def at_length_limit(self, seq):
-        return len(seq) - seq.num_prompt_tokens == seq.params.max_tokens or len(seq) == self.max_model_len
+        return len(seq) - seq.num_prompt_tokens == seq.params.max_tokens or len(seq) == self.config.max_model_len
 
 
 # -----------------------------------------------------------------------------
