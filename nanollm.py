@@ -934,13 +934,11 @@ class ModelRunner:
         self.block_bytes = (2 * hf.num_hidden_layers * self.block_size * self.kv_heads * hf.head_dim
                             * config.torch_dtype.itemsize)
         self.graphs, self.max_graph_batch = {}, 0  # no CUDA graphs until capture_cudagraph()
-        num_blocks = config.num_kvcache_blocks or self.measure_kv_cache_blocks()
+        num_blocks = torch.tensor([config.num_kvcache_blocks or self.measure_kv_cache_blocks()], device=self.device)
         if tp.size > 1:  # every rank must agree: take the smallest
-            n = torch.tensor([num_blocks], device=self.device)
-            dist.all_reduce(n, dist.ReduceOp.MIN, group=tp.group)
-            num_blocks = int(n.item())
-        self.num_kvcache_blocks = num_blocks
-        self.allocate_kv_cache(num_blocks)
+            dist.all_reduce(num_blocks, dist.ReduceOp.MIN, group=tp.group)
+        self.num_kvcache_blocks = int(num_blocks.item())
+        self.allocate_kv_cache(self.num_kvcache_blocks)
         if self.device.type == "cuda" and not config.enforce_eager:
             self.capture_cudagraph()
 
