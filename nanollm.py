@@ -1414,7 +1414,7 @@ def run_job(llm, input_path, output_path, defaults, shard=(0, 1), use_tqdm=True)
                     done.add(json.dumps(json.loads(line)["id"]))
                 except (ValueError, KeyError, TypeError):
                     pass  # a line cut short by a crash: its request runs again
-    seqs, ids, queued = [], {}, set()  # ids: request id -> the line's id (as JSON); queued: those ids
+    jobs = {}  # the line's id (as JSON) -> its sequence
     with open(input_path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip() or (lineno - 1) % shard[1] != shard[0]:
@@ -1426,7 +1426,7 @@ def run_job(llm, input_path, output_path, defaults, shard=(0, 1), use_tqdm=True)
                 key = json.dumps(item["id"])
                 if key in done:
                     continue
-                if key in queued:
+                if key in jobs:
                     raise ValueError(f"duplicate id {item['id']!r}")
                 prompt = item["prompt"] if "prompt" in item else llm.tokenizer.apply_chat_template(
                     item["messages"], tokenize=False, add_generation_prompt=True)
@@ -1434,23 +1434,20 @@ def run_job(llm, input_path, output_path, defaults, shard=(0, 1), use_tqdm=True)
                 if unknown:
                     raise ValueError(f"unknown fields {sorted(unknown)}")
                 params = SamplingParams(**{k: item.get(k, getattr(defaults, k)) for k in JOB_SAMPLING_FIELDS})
-                seq = llm.make_sequence(prompt, params)
+                jobs[key] = llm.make_sequence(prompt, params)
             except Exception as e:  # report the line and go on with the rest
                 print(f"{input_path}:{lineno}: skipped: {e}", file=sys.stderr)
-                continue
-            seqs.append(seq)
-            ids[seq.request_id] = key
-            queued.add(key)
     if done:
-        print(f"{output_path}: {len(done)} results already there, {len(seqs)} to go", file=sys.stderr)
+        print(f"{output_path}: {len(done)} results already there, {len(jobs)} to go", file=sys.stderr)
+    ids = {seq.request_id: json.loads(key) for key, seq in jobs.items()}  # request id -> the line's id
     with open(output_path, "a+b", buffering=0) as out:  # unbuffered: each write() goes straight to the file
         if out.seek(0, os.SEEK_END) and os.pread(out.fileno(), 1, out.tell() - 1) != b"\n":
             out.write(b"\n")  # end a line cut short by a crash before appending
 
         def write(seq):  # one write() per line: a kill never leaves half a new line behind
-            line = dict(id=json.loads(ids[seq.request_id]), **llm.result(seq), prompt_tokens=seq.num_prompt_tokens)
+            line = dict(id=ids[seq.request_id], **llm.result(seq), prompt_tokens=seq.num_prompt_tokens)
             out.write((json.dumps(line) + "\n").encode())
-        llm.run(seqs, use_tqdm, on_finish=write)
+        llm.run(list(jobs.values()), use_tqdm, on_finish=write)
 
 
 JOB_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "ignore_eos")
