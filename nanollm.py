@@ -762,9 +762,6 @@ class Scheduler:
         self.running = []        # admitted, oldest first
         self.num_preemptions = 0
 
-    def is_finished(self):
-        return not self.waiting and not self.running
-
     def schedule(self):
         batch = self.schedule_prefill()
         return (batch, True) if batch else (self.schedule_decode(), False)
@@ -803,14 +800,15 @@ class Scheduler:
             self.take(seq, 1, batch)
         return batch
 
-    def make_room(self, seq, num_tokens):
-        # newer sequences make way for older ones; with nothing newer left, seq itself waits
+    def make_room(self, seq, num_tokens):  # -> False if seq itself had to wait
         bm = self.block_manager
-        while bm.blocks_needed(seq, num_tokens) > bm.num_free_blocks and self.running[-1] is not seq:
-            self.preempt(self.running[-1])
-        if bm.blocks_needed(seq, num_tokens) > bm.num_free_blocks:
-            self.preempt(seq)
-            return False
+        while bm.blocks_needed(seq, num_tokens) > bm.num_free_blocks:
+            newest = self.running[-1]  # preempted: newer sequences make way for older ones, and last of all seq
+            self.remove(newest)
+            self.waiting.appendleft(newest)
+            self.num_preemptions += 1
+            if newest is seq:
+                return False
         return True
 
     def take(self, seq, num_tokens, batch):
@@ -818,11 +816,6 @@ class Scheduler:
         seq.num_scheduled_tokens = num_tokens
         batch.append(seq)
         return num_tokens
-
-    def preempt(self, seq):
-        self.remove(seq)
-        self.waiting.appendleft(seq)
-        self.num_preemptions += 1
 
     def remove(self, seq):  # out of its queue, if in one; a running sequence gives its blocks back
         if seq.running:
@@ -1252,7 +1245,7 @@ class LLM:
             seq.finish_reason = "abort"
 
     def is_finished(self):
-        return self.scheduler.is_finished() and self.pending is None
+        return not self.scheduler.waiting and not self.scheduler.running and self.pending is None
 
     # ---- one step of the engine: schedule, run the model, sample, update the sequences
     # The host works one step ahead of the GPU: step N+1 is scheduled and launched before step N's sampled
