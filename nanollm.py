@@ -53,8 +53,7 @@ import triton.language as tl
 # -----------------------------------------------------------------------------
 # Config: the checkpoint's config.json and the engine's knobs
 
-def load_model_config(path):
-    # config.json as a namespace under HF's own names, plus the eos ids, the RoPE base and the dtype
+def load_model_config(path):  # config.json as a namespace under HF's names, plus eos ids, RoPE base and dtype
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"model directory not found, or without config.json: {path!r}")
     with open(os.path.join(path, "config.json")) as f:
@@ -285,8 +284,7 @@ class Qwen3Attention(nn.Module):
         self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps), RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.attn = PagedAttention(cfg.head_dim)
 
-    def forward(self, positions, x, cos_sin, meta):
-        # this rank's heads: q (N, heads, head_dim), k and v (N, kv_heads, head_dim)
+    def forward(self, positions, x, cos_sin, meta):  # this rank's heads: q (N, heads, hd), k and v (N, kv_heads, hd)
         q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in self.qkv_proj(x).split(self.qkv_proj.rows, -1))
         q, k = qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, positions, cos_sin)
         return self.o_proj(self.attn(q, k, v, meta).flatten(1))
@@ -421,8 +419,7 @@ LOG2_E = 1.4426950408889634  # softmax runs in base 2: exp(x) = exp2(x * log2(e)
 @triton.jit
 def _store_kvcache_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
                           key_stride, value_stride, ROW_SIZE: tl.constexpr, ROW_PAD: tl.constexpr):
-    # grid: (num_tokens,). Each program copies one token's K and V row, a flat tile of
-    # num_kv_heads * head_dim (= ROW_SIZE, padded to the power of two ROW_PAD) elements.
+    # grid: (num_tokens,). A program copies one token's K and V row (kv_heads * head_dim = ROW_SIZE, padded to ROW_PAD)
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot < 0:  # slot -1 marks a padding token: write nothing
@@ -1006,8 +1003,7 @@ class ModelRunner:
         t = torch.tensor(values, dtype=dtype, pin_memory=self.device.type == "cuda")
         return t.to(self.device, non_blocking=True)
 
-    def prepare(self, batch):
-        # host lists describing one step; rank 0 builds them and sends them to the other ranks
+    def prepare(self, batch):  # host lists describing one step; rank 0 builds them and sends them to the other ranks
         bs = self.block_size
         step = dict(input_ids=[], positions=[], slot_mapping=[], cu_seqlens_q=[0], context_lens=[],
                     block_tables=[], logits_rows=[])
@@ -1133,8 +1129,7 @@ def worker_main(config, rank, init_method, errors):
 
 class LLM:
     def __init__(self, model, parallel=None, **kwargs):
-        # parallel: this process's tensor-parallel group when the caller made it (torchrun); otherwise
-        # tensor_parallel_size > 1 spawns the other ranks here
+        # parallel: the caller's tensor-parallel group (torchrun); None: tensor_parallel_size > 1 spawns the other ranks
         self.config = config = Config(model, **kwargs)
         from transformers import AutoTokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(model)
@@ -1199,8 +1194,7 @@ class LLM:
         return self.call("rpc", fn, args)
 
     # ---- requests
-    def make_sequence(self, prompt, params):
-        # validate before any work, so a bad request changes nothing
+    def make_sequence(self, prompt, params):  # validate before any work, so a bad request changes nothing
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
         if isinstance(prompt, str):
@@ -1252,8 +1246,7 @@ class LLM:
     # ids are read back, so the GPU never waits for Python. Until then each new token is a placeholder,
     # -1 - its row in step N's sample, which run() swaps for the real id on the device. The model on other
     # tensor-parallel ranks has no sample to read from, so with TP each step's ids are read back first.
-    def step(self):
-        # -> the sequences whose new token reached the host (finished ones included)
+    def step(self):  # -> the sequences whose new token reached the host (finished ones included)
         done = self.resolve() if self.config.tensor_parallel_size > 1 else []
         batch, is_prefill = self.scheduler.schedule()
         if not batch:
