@@ -268,12 +268,6 @@ class RMSNorm(nn.Module):
         return add_rms_norm(x, residual, self.weight, self.eps)
 
 
-def rope_cos_sin(head_dim, max_position, theta):  # (max_position, head_dim): cos | sin of every angle, fp32
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)
-    freqs = torch.outer(torch.arange(max_position, dtype=torch.float), inv_freq)
-    return torch.cat([freqs.cos(), freqs.sin()], -1)
-
-
 class Qwen3Attention(nn.Module):
     def __init__(self, cfg, tp):
         super().__init__()
@@ -320,8 +314,9 @@ class Qwen3Model(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg, tp) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.register_buffer("cos_sin", rope_cos_sin(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta),
-                             persistent=False)
+        inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float) / cfg.head_dim)
+        freqs = torch.outer(torch.arange(cfg.max_position_embeddings, dtype=torch.float), inv_freq)
+        self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], -1), persistent=False)  # RoPE table
 
     def forward(self, input_ids, positions, meta):
         h, residual = self.embed_tokens(input_ids), None
@@ -692,8 +687,7 @@ class BlockManager:
         return len(self.free)
 
     def blocks_needed(self, seq, num_tokens):  # new blocks for seq to hold num_tokens more tokens
-        total = seq.num_computed_tokens + num_tokens
-        return max(0, triton.cdiv(total, self.block_size) - len(seq.block_table))
+        return max(0, triton.cdiv(seq.num_computed_tokens + num_tokens, self.block_size) - len(seq.block_table))
 
     def claim_cached_prefix(self, seq):
         # Take the longest run of published blocks matching the sequence's first full blocks, leaving at
