@@ -38,8 +38,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, fields
 from types import SimpleNamespace
 
-# On a CPU, torch's OpenMP threads spin while MKL's work and vice versa; with both busy-waiting on two
-# cores a tiny softmax takes milliseconds. Passive waiting fixes that (only if torch is not yet imported).
+# On a CPU, torch's OpenMP and MKL threads busy-wait on each other (a tiny softmax takes ms); passive waiting fixes it
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 import torch.distributed as dist
@@ -1359,9 +1358,8 @@ class LLM:
 def build_random_checkpoint(path, seed=0, dtype=torch.float32, **config):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM as HFQwen3ForCausalLM
-    config = dict(dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
-                       tie_word_embeddings=False), **config)
+    config = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, tie_word_embeddings=False) | config
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     tok.train_from_iterator([__doc__] * 4, trainers.BpeTrainer(
