@@ -363,12 +363,11 @@ class Qwen3ForCausalLM(nn.Module):
 
 # -----------------------------------------------------------------------------
 # Attention over a paged KV cache
-# The cache of each layer is (num_blocks, block_size, kv_heads, head_dim) for keys and the same for
-# values. A sequence owns a list of blocks (its block table); token at position p lives in block
-# block_table[p // block_size] at offset p % block_size, i.e. at slot block_id * block_size + offset.
-# Each step writes the new tokens' keys/values through the slot mapping, then attention reads the whole
-# context (cached prefix + new tokens) back through the block table. So prefix-cache hits and chunked
-# prefill need nothing special: the queries are just the last q_len positions of a longer context.
+# Each layer's cache holds keys as (num_blocks, block_size, kv_heads, head_dim), and values alike. A sequence owns a
+# list of blocks (its block table): position p lives at offset p % block_size of block block_table[p // block_size],
+# i.e. at slot block_id * block_size + offset. A step writes the new tokens' keys/values through the slot mapping, then
+# attention reads the whole context (cached prefix + new tokens) back through the block table, so prefix-cache hits and
+# chunked prefill need nothing special: the queries are the last q_len positions of a longer context.
 
 @dataclass
 class AttnMeta:
@@ -528,9 +527,8 @@ def _decode_attention_kernel(
         block_tables_ptr, qk_scale, q_stride_seq, q_stride_head, block_tables_stride,
         NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr,
         GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr):
-    # grid: (batch, num_kv_heads, NUM_SPLITS), fixed whatever the context lengths (CUDA-graph safe).
-    # The GROUP query heads sharing a kv head form one (GROUP_PAD, HEAD_DIM) tile (padding rows
-    # masked), so each (BLOCK_N, HEAD_DIM) K/V tile is read once for all of them.
+    # grid: (batch, num_kv_heads, NUM_SPLITS), whatever the context lengths (CUDA-graph safe). A kv head's GROUP query
+    # heads form one (GROUP_PAD, HEAD_DIM) tile (padding rows masked): each K/V tile is read once for all.
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
     # deal the sequence's KV tiles out evenly; trailing splits may get none and then write l = 0
@@ -631,11 +629,10 @@ class PagedAttention(nn.Module):
 
 # -----------------------------------------------------------------------------
 # Sequences and the block manager (prefix caching)
-# A block is "published" under a hash once all its tokens are computed and in the cache. The hash
-# chains the parent block's hash with the block's own token ids, so equal hashes mean equal prefixes;
-# a hit is still confirmed against the stored parent hash and tokens. A block whose last user is done
-# goes back to the free list but keeps its hash and contents: a later request with the same prefix
-# revives it, until the block is handed out for new tokens (least recently freed first).
+# A block is "published" under a hash once all its tokens are computed and cached. The hash chains the parent block's
+# hash with the block's token ids, so equal hashes mean equal prefixes; a hit is still confirmed against the stored
+# parent hash and tokens. A block whose last user is done returns to the free list with its hash and contents: a later
+# request with the same prefix revives it, until it is handed out for new tokens (least recently freed first).
 
 class Sequence:
     def __init__(self, request_id, token_ids, params):
@@ -1069,11 +1066,10 @@ class ModelRunner:
 
 # -----------------------------------------------------------------------------
 # Tensor-parallel launcher
-# LLM(tensor_parallel_size=N) starts ranks 1..N-1 with torch.multiprocessing (spawn). They meet rank 0
-# through a FileStore in a fresh temporary file (no port, no shared-memory name: engines never collide),
-# build their shard of the model and run ModelRunner.loop(). The model's collectives use NCCL on GPUs and
-# gloo on CPUs; commands travel on a gloo group. A worker that fails puts its traceback on a queue and
-# exits; rank 0 then fails its next collective, ends every worker and raises that traceback.
+# LLM(tensor_parallel_size=N) spawns ranks 1..N-1 with torch.multiprocessing. They meet rank 0 at a FileStore in a fresh
+# temporary file (no port or shared-memory name: engines never collide), build their model shard and run
+# ModelRunner.loop(). Collectives use NCCL on GPUs, gloo on CPUs; commands travel on a gloo group. A failing worker
+# queues its traceback and exits; rank 0 then fails its next collective, ends every worker and raises that traceback.
 
 def init_workers(config):
     ctx = torch.multiprocessing.get_context("spawn")
