@@ -749,21 +749,12 @@ class Scheduler:
         self.running = []        # admitted, oldest first
         self.num_preemptions = 0
 
-    def schedule(self):
-        batch = self.schedule_prefill()
-        return (batch, True) if batch else (self.schedule_decode(), False)
-
-    def schedule_prefill(self):
-        batch, budget, bm = [], self.config.max_num_batched_tokens, self.block_manager
-        # first the running sequences still prefilling (chunked prompts), oldest first
-        for seq in [s for s in self.running if len(s) - s.num_computed_tokens > 1]:
-            if not seq.running:
-                continue  # preempted just now by an older sequence
-            num_tokens = min(len(seq) - seq.num_computed_tokens, budget)
-            if budget == 0 or not self.make_room(seq, num_tokens):
-                return batch
-            budget -= self.take(seq, num_tokens, batch)
-        # then new (or preempted) sequences in arrival order, while their first chunk fits
+    def schedule(self):  # -> (batch, is_prefill)
+        # a prefill step: first the running sequences still prefilling (chunked prompts), oldest first...
+        batch, budget = self.schedule_running([s for s in self.running if len(s) - s.num_computed_tokens > 1],
+                                              self.config.max_num_batched_tokens)
+        # ...then new (or preempted) sequences in arrival order, while their first chunk fits
+        bm = self.block_manager
         while self.waiting and budget and len(self.running) < self.config.max_num_seqs:  # caps the batch too
             seq = self.waiting[0]
             bm.claim_cached_prefix(seq)
@@ -775,17 +766,20 @@ class Scheduler:
             self.running.append(seq)
             seq.running = True
             budget -= self.take(seq, num_tokens, batch)
-        return batch
+        if batch:
+            return batch, True
+        return self.schedule_running(list(self.running), len(self.running))[0], False  # decode: one token each
 
-    def schedule_decode(self):
+    def schedule_running(self, seqs, budget):  # oldest first -> (batch, budget left: 0 once a sequence must wait)
         batch = []
-        for seq in list(self.running):
+        for seq in seqs:
             if not seq.running:
-                continue  # preempted by an older sequence in this loop
-            if not self.make_room(seq, 1):
-                break
-            self.take(seq, 1, batch)
-        return batch
+                continue  # preempted just now by an older sequence
+            num_tokens = min(len(seq) - seq.num_computed_tokens, budget)
+            if budget == 0 or not self.make_room(seq, num_tokens):
+                return batch, 0
+            budget -= self.take(seq, num_tokens, batch)
+        return batch, budget
 
     def make_room(self, seq, num_tokens):  # -> False if seq itself had to wait
         bm = self.block_manager
