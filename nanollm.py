@@ -26,6 +26,7 @@ Use it:
 import argparse
 import functools
 import glob
+import itertools
 import json
 import os
 import random
@@ -485,8 +486,7 @@ def _prefill_attention_kernel(
     q_offs = (q_start + rows).to(tl.int64)[:, None] * q_stride_token + head * q_stride_head + dims[None, :]
     q = tl.load(q_ptr + q_offs, mask=row_mask[:, None], other=0.0).to(tl.float32)
 
-    m_i = tl.full([BLOCK_M], -1e30, tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    m_i, l_i = tl.full([BLOCK_M], -1e30, tl.float32), tl.zeros([BLOCK_M], tl.float32)  # running row max and sum
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     kv_head = head // (NUM_HEADS // NUM_KV_HEADS)
     block_table_ptr = block_tables_ptr + seq.to(tl.int64) * block_tables_stride
@@ -544,8 +544,7 @@ def _decode_attention_kernel(
     q_offs = seq.to(tl.int64) * q_stride_seq + heads[:, None] * q_stride_head + dims[None, :]
     q = tl.load(q_ptr + q_offs, mask=head_mask[:, None], other=0.0).to(tl.float32)
 
-    m_i = tl.full([GROUP_PAD], -1e30, tl.float32)
-    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    m_i, l_i = tl.full([GROUP_PAD], -1e30, tl.float32), tl.zeros([GROUP_PAD], tl.float32)  # running row max and sum
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     block_table_ptr = block_tables_ptr + seq.to(tl.int64) * block_tables_stride
     for tile in range(tile_start, tile_end):
@@ -576,9 +575,8 @@ def _decode_reduce_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr,
                   mask=split_mask[:, None], other=0.0)
     weight = tl.exp2(m - tl.max(m, axis=0))  # bring every split to the common max
     total = tl.sum(l * weight, axis=0)
-    out = tl.sum(acc * weight[:, None], axis=0)
     # context_len == 0 (padding row): every split is empty, acc is 0 and so is the output
-    out = out / tl.where(total > 0, total, 1.0)
+    out = tl.sum(acc * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + row * HEAD_DIM + dims, out)
 
 
@@ -1131,7 +1129,7 @@ class LLM:
         eos = config.hf.eos_token_ids or (self.tokenizer.eos_token_id,)
         self.eos_token_ids = tuple(e for e in eos if e is not None)
         self.scheduler = Scheduler(config, self.block_manager, self.eos_token_ids)
-        self.next_request_id = 0
+        self.request_ids = itertools.count()  # ids for new requests: 0, 1, 2, ...
         # counters since start; prefill_tokens and decode_tokens count the tokens computed in each kind of step
         self.stats = dict(prompt_tokens=0, cached_prompt_tokens=0, prefill_tokens=0, decode_tokens=0,
                           preemptions=0, steps=0)
@@ -1201,9 +1199,7 @@ class LLM:
         if need > self.num_kvcache_blocks:
             raise ValueError(f"request needs {need} KV-cache blocks at full length but the cache has only "
                              f"{self.num_kvcache_blocks}: it could never run; shorten it or lower max_tokens")
-        seq = Sequence(self.next_request_id, token_ids, params)
-        self.next_request_id += 1
-        return seq
+        return Sequence(next(self.request_ids), token_ids, params)
 
     def add_request(self, prompt, sampling_params=None):
         seq = self.make_sequence(prompt, sampling_params or SamplingParams())
