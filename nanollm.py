@@ -1072,10 +1072,9 @@ def init_workers(config):
     for w in workers:
         w.start()
     try:
-        tp = init_parallel(config.device, config.tensor_parallel_size, 0, f"file://{store}")
+        return init_parallel(config.device, config.tensor_parallel_size, 0, f"file://{store}"), workers, errors
     finally:
         os.unlink(store)  # every rank has opened it by now (or failed)
-    return tp, workers, errors
 
 
 def init_parallel(device, tp_size, rank, init_method=None, world_size=None, local_rank=None):
@@ -1086,13 +1085,12 @@ def init_parallel(device, tp_size, rank, init_method=None, world_size=None, loca
     if backend == "nccl":
         torch.cuda.set_device(rank if local_rank is None else local_rank)
     dist.init_process_group(backend, init_method=init_method, world_size=world_size, rank=rank)
-    groups = []  # every rank creates every group, in the same order
+    groups = []  # (group, control) of each tensor-parallel group; every rank creates all of them, in the same order
     for first in range(0, world_size, tp_size):
         ranks = list(range(first, first + tp_size))
         group = dist.group.WORLD if tp_size == world_size else dist.new_group(ranks)  # one group: the world
         groups.append((group, group if backend == "gloo" else dist.new_group(ranks, backend="gloo")))
-    group, control = groups[rank // tp_size]
-    return Parallel(rank % tp_size, tp_size, group, control, first=rank - rank % tp_size)
+    return Parallel(rank % tp_size, tp_size, *groups[rank // tp_size], first=rank - rank % tp_size)
 
 
 def worker_main(config, rank, init_method, errors):
