@@ -670,8 +670,7 @@ class Block:
 
 class BlockManager:
     def __init__(self, num_blocks, block_size, enable_prefix_caching=True):
-        self.block_size = block_size
-        self.enable_prefix_caching = enable_prefix_caching
+        self.block_size, self.enable_prefix_caching = block_size, enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free = OrderedDict.fromkeys(range(num_blocks))   # ref_count == 0, oldest-freed first
         self.hash_to_block = {}
@@ -740,8 +739,7 @@ class BlockManager:
 
 class Scheduler:
     def __init__(self, config, block_manager, eos_token_ids):
-        self.config = config
-        self.block_manager = block_manager
+        self.config, self.block_manager = config, block_manager
         self.eos_token_ids = set(eos_token_ids)
         self.waiting = deque()   # not admitted, or preempted (at the front)
         self.running = []        # admitted, oldest first
@@ -895,8 +893,7 @@ class ModelRunner:
     def __init__(self, config, tp=Parallel()):
         self.config, self.tp = config, tp
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if config.device == "cuda" else config.device)
-        self.block_size = config.kvcache_block_size
-        hf = config.hf
+        self.block_size, hf = config.kvcache_block_size, config.hf
         torch.set_default_dtype(config.torch_dtype)
         with self.device:
             self.model = Qwen3ForCausalLM(hf, tp)
