@@ -504,7 +504,7 @@ def _prefill_attention_kernel(
 
 
 def prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q, out=None):
-    num_tokens, num_heads, head_dim = q.shape
+    _, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous() and out.is_contiguous()
@@ -512,8 +512,7 @@ def prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tab
     # fp32 runs its dots on CUDA cores and holds twice the bytes per tile: smaller tiles avoid spills
     block_m, block_n = (32, 32) if fp32 else (64, 64)
     block_m = 16 if max_seqlen_q <= 16 else block_m  # short chunks (e.g. prefix-cache hits)
-    grid = (triton.cdiv(max_seqlen_q, block_m), num_heads, cu_seqlens_q.numel() - 1)
-    _prefill_attention_kernel[grid](
+    _prefill_attention_kernel[(triton.cdiv(max_seqlen_q, block_m), num_heads, cu_seqlens_q.numel() - 1)](
         q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables,
         scale * LOG2_E, q.stride(0), q.stride(1), block_tables.stride(0),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
@@ -1165,8 +1164,7 @@ class LLM:
                 raise
             self.exit(e)
 
-    def collective_rpc(self, fn, *args):
-        # fn(model_runner, *args) on every rank, for experiments (inspect a shard, swap weights); results in rank order
+    def collective_rpc(self, fn, *args):  # fn(runner, *args) on every rank (inspect or swap weights) -> results by rank
         return self.call("rpc", fn, args)
 
     # ---- requests
