@@ -25,7 +25,6 @@ Use it:
 """
 import argparse
 import functools
-import glob
 import itertools
 import json
 import os
@@ -37,6 +36,7 @@ import time
 import traceback
 from collections import OrderedDict, deque
 from dataclasses import dataclass, fields
+from pathlib import Path
 from types import SimpleNamespace
 
 # On a CPU, torch's OpenMP and MKL threads busy-wait on each other (a tiny softmax takes ms); passive waiting fixes it
@@ -54,10 +54,9 @@ import triton.language as tl
 # Config: the checkpoint's config.json and the engine's knobs
 
 def load_model_config(path):  # config.json as a namespace under HF's names, plus eos ids, RoPE base and dtype
-    if not os.path.isfile(os.path.join(path, "config.json")):
+    if not Path(path, "config.json").is_file():
         raise FileNotFoundError(f"model directory not found, or without config.json: {path!r}")
-    with open(os.path.join(path, "config.json")) as f:
-        c = json.load(f)
+    c = json.loads(Path(path, "config.json").read_text())
     arch = (c.get("architectures") or ["<none>"])[0]
     if arch != "Qwen3ForCausalLM":
         raise ValueError(f"unsupported architecture {arch!r}: nanollm runs Qwen3ForCausalLM only")
@@ -67,9 +66,8 @@ def load_model_config(path):  # config.json as a namespace under HF's names, plu
     if c.get("attention_bias") or c.get("use_sliding_window"):
         raise ValueError("unsupported Qwen3 variant: attention_bias and sliding windows are not implemented")
     eos = c.get("eos_token_id")
-    if os.path.isfile(os.path.join(path, "generation_config.json")):  # its eos ids win
-        with open(os.path.join(path, "generation_config.json")) as f:
-            eos = json.load(f).get("eos_token_id", eos)
+    if Path(path, "generation_config.json").is_file():  # its eos ids win
+        eos = json.loads(Path(path, "generation_config.json").read_text()).get("eos_token_id", eos)
     defaults = dict(num_key_value_heads=c["num_attention_heads"], head_dim=c["hidden_size"] // c["num_attention_heads"],
                     rms_norm_eps=1e-6, max_position_embeddings=40960, tie_word_embeddings=False)
     return SimpleNamespace(**{**defaults, **{k: v for k, v in c.items() if v is not None},
@@ -342,7 +340,7 @@ class Qwen3ForCausalLM(nn.Module):
 
     def load_weights(self, path, tied):
         from safetensors import safe_open
-        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        files = sorted(Path(path).glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"no *.safetensors files in {path!r} (pickled .bin checkpoints are not loaded)")
         missing = {name for name, _ in self.named_parameters()}
