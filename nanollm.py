@@ -93,16 +93,15 @@ class Config:
 
     def __post_init__(self):
         bs, blocks = self.kvcache_block_size, self.num_kvcache_blocks
-        for name, ok, rule in [
-                ("tensor_parallel_size", self.tensor_parallel_size >= 1, ">= 1"),
-                ("dtype", self.dtype in ("auto", "float32", "float16", "bfloat16"),
-                 "auto, float32, float16 or bfloat16"),
-                ("max_model_len", self.max_model_len >= 2, ">= 2"),
-                ("max_num_seqs", self.max_num_seqs >= 1, ">= 1"),
-                ("max_num_batched_tokens", self.max_num_batched_tokens >= 1, ">= 1"),
-                ("gpu_memory_utilization", 0 < self.gpu_memory_utilization <= 1, "in (0, 1]"),
-                ("kvcache_block_size", bs >= 16 and bs & (bs - 1) == 0, "a power of two >= 16"),
-                ("num_kvcache_blocks", blocks is None or blocks >= 1, ">= 1 or None")]:
+        for name, ok, rule in [("tensor_parallel_size", self.tensor_parallel_size >= 1, ">= 1"),
+                               ("dtype", self.dtype in ("auto", "float32", "float16", "bfloat16"),
+                                "auto, float32, float16 or bfloat16"),
+                               ("max_model_len", self.max_model_len >= 2, ">= 2"),
+                               ("max_num_seqs", self.max_num_seqs >= 1, ">= 1"),
+                               ("max_num_batched_tokens", self.max_num_batched_tokens >= 1, ">= 1"),
+                               ("gpu_memory_utilization", 0 < self.gpu_memory_utilization <= 1, "in (0, 1]"),
+                               ("kvcache_block_size", bs >= 16 and bs & (bs - 1) == 0, "a power of two >= 16"),
+                               ("num_kvcache_blocks", blocks is None or blocks >= 1, ">= 1 or None")]:
             if not ok:
                 raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
