@@ -268,17 +268,17 @@ class RMSNorm(nn.Module):
 class Qwen3Attention(nn.Module):
     def __init__(self, cfg, tp):
         super().__init__()
-        self.head_dim = cfg.head_dim
+        self.head_dim, self.scale = cfg.head_dim, cfg.head_dim ** -0.5
         q_size, kv_size = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
         self.qkv_proj = MergedColumnParallelLinear(cfg.hidden_size, [q_size, kv_size, kv_size], tp)
         self.o_proj = RowParallelLinear(q_size, cfg.hidden_size, tp)
         self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps), RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-        self.attn = PagedAttention(cfg.head_dim)
+        self.k_cache = self.v_cache = torch.tensor([])  # bound to this layer's slices of the engine's cache later
 
     def forward(self, positions, x, cos_sin, meta):  # this rank's heads: q (N, heads, hd), k and v (N, kv_heads, hd)
         q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in self.qkv_proj(x).split(self.qkv_proj.rows, -1))
         q, k = qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, positions, cos_sin)
-        return self.o_proj(self.attn(q, k, v, meta).flatten(1))
+        return self.o_proj(paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale).flatten(1))
 
 
 class Qwen3MLP(nn.Module):
@@ -603,22 +603,16 @@ def decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale, num
     return out
 
 
-class PagedAttention(nn.Module):
-    def __init__(self, head_dim):
-        super().__init__()
-        self.scale = head_dim ** -0.5
-        self.k_cache = self.v_cache = torch.tensor([])  # bound to slices of the engine's cache later
-
-    def forward(self, q, k, v, meta):  # q: (N, heads, hd); k, v: (N, kv_heads, hd) -> (N, heads, hd)
-        if q.is_cuda:  # the fast path: Triton kernels
-            store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-            if meta.max_seqlen_q == 1:
-                return decode_attention(q, self.k_cache, self.v_cache, meta.context_lens, meta.block_tables, self.scale)
-            return prefill_attention(q, self.k_cache, self.v_cache, meta.cu_seqlens_q, meta.context_lens,
-                                     meta.block_tables, self.scale, meta.max_seqlen_q)
-        store_kvcache_reference(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        return paged_attention_reference(q, self.k_cache, self.v_cache, meta.cu_seqlens_q, meta.context_lens,
-                                         meta.block_tables, self.scale)
+def paged_attention(q, k, v, k_cache, v_cache, meta, scale):  # q (N, heads, hd), k and v (N, kv_heads, hd) -> like q
+    if q.is_cuda:  # the fast path: Triton kernels
+        store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.max_seqlen_q == 1:
+            return decode_attention(q, k_cache, v_cache, meta.context_lens, meta.block_tables, scale)
+        return prefill_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens, meta.block_tables,
+                                 scale, meta.max_seqlen_q)
+    store_kvcache_reference(k, v, k_cache, v_cache, meta.slot_mapping)
+    return paged_attention_reference(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens,
+                                     meta.block_tables, scale)
 
 
 # -----------------------------------------------------------------------------
@@ -938,7 +932,7 @@ class ModelRunner:
         self.kv_cache = torch.empty(2, hf.num_hidden_layers, num_blocks, self.block_size, self.kv_heads, hf.head_dim,
                                     dtype=self.config.torch_dtype, device=self.device)
         for i, layer in enumerate(self.model.model.layers):
-            layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+            layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
 
     def measure_kv_cache_blocks(self):
         if self.device.type == "cpu":  # a fixed budget: the CPU path is for learning and tests
