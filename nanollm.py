@@ -624,10 +624,9 @@ def paged_attention(q, k, v, k_cache, v_cache, meta, scale):  # q (N, heads, hd)
 
 class Sequence:
     def __init__(self, request_id, token_ids, params):
-        self.request_id = request_id
+        self.request_id, self.params = request_id, params
         self.token_ids = list(token_ids)     # prompt, then generated tokens
         self.num_prompt_tokens = len(token_ids)
-        self.params = params
         self.block_table = []
         self.num_computed_tokens = 0         # tokens whose keys/values are in the cache
         self.num_hashed_blocks = 0           # leading blocks already published under a hash
@@ -748,8 +747,7 @@ class Scheduler:
             if bm.blocks_needed(seq, num_tokens) > bm.num_free_blocks:
                 bm.release(seq)  # give the claimed prefix back; try again next step
                 break
-            self.waiting.popleft()
-            self.running.append(seq)
+            self.running.append(self.waiting.popleft())
             seq.running = True
             budget -= self.take(seq, num_tokens, batch)
         if batch:
