@@ -478,8 +478,7 @@ def _prefill_attention_kernel(
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < q_len
     dims = tl.arange(0, HEAD_DIM)
-    # the queries are the last q_len positions of the context; each sees keys 0..its position
-    q_pos = context_len - q_len + rows
+    q_pos = context_len - q_len + rows  # the last q_len positions of the context; each query sees keys 0..its position
     q_offs = (q_start + rows).to(tl.int64)[:, None] * q_stride_token + head * q_stride_head + dims[None, :]
     q = tl.load(q_ptr + q_offs, mask=row_mask[:, None], other=0.0).to(tl.float32)
 
@@ -549,9 +548,7 @@ def _decode_attention_kernel(
         k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_ptr, kv_pos, kv_mask, kv_head,
                              BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
         m_i, l_i, acc = _online_softmax_step(q, k, v, kv_mask[None, :], m_i, l_i, acc, qk_scale, PRECISION)
-
-    # partials are laid out (batch, num_heads, NUM_SPLITS[, HEAD_DIM])
-    part = (seq * NUM_KV_HEADS * GROUP + heads) * NUM_SPLITS + split
+    part = (seq * NUM_KV_HEADS * GROUP + heads) * NUM_SPLITS + split  # partials: (batch, heads, NUM_SPLITS[, HEAD_DIM])
     tl.store(part_m_ptr + part, m_i, mask=head_mask)
     tl.store(part_l_ptr + part, l_i, mask=head_mask)
     tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=head_mask[:, None])
