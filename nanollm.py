@@ -167,8 +167,7 @@ class MergedColumnParallelLinear(nn.Module):
         return F.linear(x, self.weight)
 
 
-class RowParallelLinear(nn.Module):
-    # y = x @ W.T with W's input columns split: each rank has a partial sum, all-reduced here
+class RowParallelLinear(nn.Module):  # y = x @ W.T, W's input columns split: each rank's partial sum is all-reduced
     def __init__(self, in_features, out_features, tp):
         super().__init__()
         self.tp = tp
@@ -185,8 +184,7 @@ class RowParallelLinear(nn.Module):
         return y
 
 
-class VocabParallelEmbedding(nn.Module):
-    # each rank holds a contiguous slice of the vocabulary (padded to a multiple of the TP size)
+class VocabParallelEmbedding(nn.Module):  # a contiguous slice of the vocabulary per rank (padded to a TP-size multiple)
     def __init__(self, vocab_size, hidden_size, tp):
         super().__init__()
         self.tp, self.vocab_size = tp, vocab_size
