@@ -734,13 +734,12 @@ class Scheduler:
         batch, budget = self.schedule_running([s for s in self.running if len(s) - s.num_computed_tokens > 1],
                                               self.config.max_num_batched_tokens)
         # ...then new (or preempted) sequences in arrival order, while their first chunk fits
-        bm = self.block_manager
         while self.waiting and budget and len(self.running) < self.config.max_num_seqs:  # caps the batch too
             seq = self.waiting[0]
-            bm.claim_cached_prefix(seq)
+            self.block_manager.claim_cached_prefix(seq)
             num_tokens = min(len(seq) - seq.num_computed_tokens, budget)
-            if bm.blocks_needed(seq, num_tokens) > bm.num_free_blocks:
-                bm.release(seq)  # give the claimed prefix back; try again next step
+            if self.block_manager.blocks_needed(seq, num_tokens) > self.block_manager.num_free_blocks:
+                self.block_manager.release(seq)  # give the claimed prefix back; try again next step
                 break
             self.running.append(self.waiting.popleft())
             seq.running = True
@@ -1395,8 +1394,7 @@ JOB_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "i
 
 
 def chat(llm, params, read=input):
-    # keeps the conversation: each turn's prompt starts with the earlier turns, which the prefix cache serves
-    messages = []
+    messages = []  # the conversation: each turn's prompt starts with the earlier turns, which the prefix cache serves
     print("Chat with the model (random weights talk gibberish). An empty line or Ctrl-D ends it.")
     while True:
         try:
