@@ -710,8 +710,7 @@ class BlockManager:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free[block_id] = None
-        seq.block_table = []
-        seq.num_computed_tokens = seq.num_hashed_blocks = 0
+        seq.block_table, seq.num_computed_tokens, seq.num_hashed_blocks = [], 0, 0
 
 
 # -----------------------------------------------------------------------------
