@@ -492,7 +492,6 @@ def _prefill_attention_kernel(
                              BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
         allowed = (kv_pos[None, :] <= q_pos[:, None]) & kv_mask[None, :]
         m_i, l_i, acc = _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, PRECISION)
-
     out_offs = (q_start + rows).to(tl.int64)[:, None] * (NUM_HEADS * HEAD_DIM) + head * HEAD_DIM + dims[None, :]
     tl.store(out_ptr + out_offs, acc / l_i[:, None], mask=row_mask[:, None])
 
