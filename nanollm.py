@@ -25,7 +25,7 @@ Use it:
 """
 import argparse
 import functools
-import glob
+import itertools
 import json
 import os
 import random
@@ -36,10 +36,10 @@ import time
 import traceback
 from collections import OrderedDict, deque
 from dataclasses import dataclass, fields
+from pathlib import Path
 from types import SimpleNamespace
 
-# On a CPU, torch's OpenMP threads spin while MKL's work and vice versa; with both busy-waiting on two
-# cores a tiny softmax takes milliseconds. Passive waiting fixes that (only if torch is not yet imported).
+# On a CPU, torch's OpenMP and MKL threads busy-wait on each other (a tiny softmax takes ms); passive waiting fixes it
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 import torch.distributed as dist
@@ -53,12 +53,10 @@ import triton.language as tl
 # -----------------------------------------------------------------------------
 # Config: the checkpoint's config.json and the engine's knobs
 
-def load_model_config(path):
-    # config.json as a namespace under HF's own names, plus the eos ids, the RoPE base and the dtype
-    if not os.path.isfile(os.path.join(path, "config.json")):
+def load_model_config(path):  # config.json as a namespace under HF's names, plus eos ids, RoPE base and dtype
+    if not Path(path, "config.json").is_file():
         raise FileNotFoundError(f"model directory not found, or without config.json: {path!r}")
-    with open(os.path.join(path, "config.json")) as f:
-        c = json.load(f)
+    c = json.loads(Path(path, "config.json").read_text())
     arch = (c.get("architectures") or ["<none>"])[0]
     if arch != "Qwen3ForCausalLM":
         raise ValueError(f"unsupported architecture {arch!r}: nanollm runs Qwen3ForCausalLM only")
@@ -68,9 +66,8 @@ def load_model_config(path):
     if c.get("attention_bias") or c.get("use_sliding_window"):
         raise ValueError("unsupported Qwen3 variant: attention_bias and sliding windows are not implemented")
     eos = c.get("eos_token_id")
-    if os.path.isfile(os.path.join(path, "generation_config.json")):  # its eos ids win
-        with open(os.path.join(path, "generation_config.json")) as f:
-            eos = json.load(f).get("eos_token_id", eos)
+    if Path(path, "generation_config.json").is_file():  # its eos ids win
+        eos = json.loads(Path(path, "generation_config.json").read_text()).get("eos_token_id", eos)
     defaults = dict(num_key_value_heads=c["num_attention_heads"], head_dim=c["hidden_size"] // c["num_attention_heads"],
                     rms_norm_eps=1e-6, max_position_embeddings=40960, tie_word_embeddings=False)
     return SimpleNamespace(**{**defaults, **{k: v for k, v in c.items() if v is not None},
@@ -96,16 +93,15 @@ class Config:
 
     def __post_init__(self):
         bs, blocks = self.kvcache_block_size, self.num_kvcache_blocks
-        for name, ok, rule in [
-                ("tensor_parallel_size", self.tensor_parallel_size >= 1, ">= 1"),
-                ("dtype", self.dtype in ("auto", "float32", "float16", "bfloat16"),
-                 "auto, float32, float16 or bfloat16"),
-                ("max_model_len", self.max_model_len >= 2, ">= 2"),
-                ("max_num_seqs", self.max_num_seqs >= 1, ">= 1"),
-                ("max_num_batched_tokens", self.max_num_batched_tokens >= 1, ">= 1"),
-                ("gpu_memory_utilization", 0 < self.gpu_memory_utilization <= 1, "in (0, 1]"),
-                ("kvcache_block_size", bs >= 16 and bs & (bs - 1) == 0, "a power of two >= 16"),
-                ("num_kvcache_blocks", blocks is None or blocks >= 1, ">= 1 or None")]:
+        for name, ok, rule in [("tensor_parallel_size", self.tensor_parallel_size >= 1, ">= 1"),
+                               ("dtype", self.dtype in ("auto", "float32", "float16", "bfloat16"),
+                                "auto, float32, float16 or bfloat16"),
+                               ("max_model_len", self.max_model_len >= 2, ">= 2"),
+                               ("max_num_seqs", self.max_num_seqs >= 1, ">= 1"),
+                               ("max_num_batched_tokens", self.max_num_batched_tokens >= 1, ">= 1"),
+                               ("gpu_memory_utilization", 0 < self.gpu_memory_utilization <= 1, "in (0, 1]"),
+                               ("kvcache_block_size", bs >= 16 and bs & (bs - 1) == 0, "a power of two >= 16"),
+                               ("num_kvcache_blocks", blocks is None or blocks >= 1, ">= 1 or None")]:
             if not ok:
                 raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -143,8 +139,7 @@ class SamplingParams:
 
 # -----------------------------------------------------------------------------
 # Model: tensor-parallel linear layers, then Qwen3 built from them
-# Each layer holds this rank's shard and knows how to cut its shard out of a full checkpoint tensor
-# (`weight_loader`). With one rank the shard is the whole tensor.
+# Each layer holds this rank's shard; its `weight_loader` cuts that out of a full checkpoint tensor (one rank: all).
 
 @dataclass
 class Parallel:
@@ -163,7 +158,6 @@ class MergedColumnParallelLinear(nn.Module):
         self.tp = tp
         self.rows = [n // tp.size for n in out_features]
         self.weight = nn.Parameter(torch.empty(sum(self.rows), in_features), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param, loaded, part):
         start, rows = sum(self.rows[:part]), self.rows[part]
@@ -173,13 +167,11 @@ class MergedColumnParallelLinear(nn.Module):
         return F.linear(x, self.weight)
 
 
-class RowParallelLinear(nn.Module):
-    # y = x @ W.T with W's input columns split: each rank has a partial sum, all-reduced here
+class RowParallelLinear(nn.Module):  # y = x @ W.T, W's input columns split: each rank's partial sum is all-reduced
     def __init__(self, in_features, out_features, tp):
         super().__init__()
         self.tp = tp
         self.weight = nn.Parameter(torch.empty(out_features, in_features // tp.size), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param, loaded):
         cols = param.shape[1]
@@ -192,15 +184,13 @@ class RowParallelLinear(nn.Module):
         return y
 
 
-class VocabParallelEmbedding(nn.Module):
-    # each rank holds a contiguous slice of the vocabulary (padded to a multiple of the TP size)
+class VocabParallelEmbedding(nn.Module):  # a contiguous slice of the vocabulary per rank (padded to a TP-size multiple)
     def __init__(self, vocab_size, hidden_size, tp):
         super().__init__()
         self.tp, self.vocab_size = tp, vocab_size
         self.rows = triton.cdiv(vocab_size, tp.size)
         self.start = tp.rank * self.rows
         self.weight = nn.Parameter(torch.zeros(self.rows, hidden_size), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param, loaded):
         part = loaded[self.start:self.start + self.rows]
@@ -273,28 +263,20 @@ class RMSNorm(nn.Module):
         return add_rms_norm(x, residual, self.weight, self.eps)
 
 
-def rope_cos_sin(head_dim, max_position, theta):  # (max_position, head_dim): cos | sin of every angle, fp32
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)
-    freqs = torch.outer(torch.arange(max_position, dtype=torch.float), inv_freq)
-    return torch.cat([freqs.cos(), freqs.sin()], -1)
-
-
 class Qwen3Attention(nn.Module):
     def __init__(self, cfg, tp):
         super().__init__()
-        self.head_dim = cfg.head_dim
+        self.head_dim, self.scale = cfg.head_dim, cfg.head_dim ** -0.5
         q_size, kv_size = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
         self.qkv_proj = MergedColumnParallelLinear(cfg.hidden_size, [q_size, kv_size, kv_size], tp)
         self.o_proj = RowParallelLinear(q_size, cfg.hidden_size, tp)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)  # Qwen3 normalises each head's q and k
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-        self.attn = PagedAttention(cfg.head_dim)
+        self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps), RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.k_cache = self.v_cache = torch.tensor([])  # bound to this layer's slices of the engine's cache later
 
-    def forward(self, positions, x, cos_sin, meta):
-        # this rank's heads: q (N, heads, head_dim), k and v (N, kv_heads, head_dim)
+    def forward(self, positions, x, cos_sin, meta):  # this rank's heads: q (N, heads, hd), k and v (N, kv_heads, hd)
         q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in self.qkv_proj(x).split(self.qkv_proj.rows, -1))
         q, k = qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, positions, cos_sin)
-        return self.o_proj(self.attn(q, k, v, meta).flatten(1))
+        return self.o_proj(paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale).flatten(1))
 
 
 class Qwen3MLP(nn.Module):
@@ -327,8 +309,9 @@ class Qwen3Model(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg, tp) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.register_buffer("cos_sin", rope_cos_sin(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta),
-                             persistent=False)
+        inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float) / cfg.head_dim)
+        freqs = torch.outer(torch.arange(cfg.max_position_embeddings, dtype=torch.float), inv_freq)
+        self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], -1), persistent=False)  # RoPE table
 
     def forward(self, input_ids, positions, meta):
         h, residual = self.embed_tokens(input_ids), None
@@ -354,7 +337,7 @@ class Qwen3ForCausalLM(nn.Module):
 
     def load_weights(self, path, tied):
         from safetensors import safe_open
-        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        files = sorted(Path(path).glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"no *.safetensors files in {path!r} (pickled .bin checkpoints are not loaded)")
         missing = {name for name, _ in self.named_parameters()}
@@ -366,9 +349,9 @@ class Qwen3ForCausalLM(nn.Module):
                     part = key.split(".")[-2]  # e.g. q_proj, which is part 0 of qkv_proj
                     packed_part, *shard = self.packed.get(part, (part,))
                     name = key.replace(f".{part}.", f".{packed_part}.")
-                    param = self.get_parameter(name)
-                    loader = getattr(param, "weight_loader", lambda p, w: p.data.copy_(w))  # norms: whole
-                    loader(param, f.get_tensor(key), *shard)
+                    module = self.get_submodule(name.rpartition(".")[0])
+                    loader = getattr(module, "weight_loader", lambda p, w: p.data.copy_(w))  # norms: whole
+                    loader(self.get_parameter(name), f.get_tensor(key), *shard)
                     missing.discard(name)
         if missing:
             raise ValueError(f"checkpoint {path!r} lacks weights: {sorted(missing)[:5]}")
@@ -376,12 +359,11 @@ class Qwen3ForCausalLM(nn.Module):
 
 # -----------------------------------------------------------------------------
 # Attention over a paged KV cache
-# The cache of each layer is (num_blocks, block_size, kv_heads, head_dim) for keys and the same for
-# values. A sequence owns a list of blocks (its block table); token at position p lives in block
-# block_table[p // block_size] at offset p % block_size, i.e. at slot block_id * block_size + offset.
-# Each step writes the new tokens' keys/values through the slot mapping, then attention reads the whole
-# context (cached prefix + new tokens) back through the block table. So prefix-cache hits and chunked
-# prefill need nothing special: the queries are just the last q_len positions of a longer context.
+# Each layer's cache holds keys as (num_blocks, block_size, kv_heads, head_dim), and values alike. A sequence owns a
+# list of blocks (its block table): position p lives at offset p % block_size of block block_table[p // block_size],
+# i.e. at slot block_id * block_size + offset. A step writes the new tokens' keys/values through the slot mapping, then
+# attention reads the whole context (cached prefix + new tokens) back through the block table, so prefix-cache hits and
+# chunked prefill need nothing special: the queries are the last q_len positions of a longer context.
 
 @dataclass
 class AttnMeta:
@@ -426,8 +408,7 @@ LOG2_E = 1.4426950408889634  # softmax runs in base 2: exp(x) = exp2(x * log2(e)
 @triton.jit
 def _store_kvcache_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
                           key_stride, value_stride, ROW_SIZE: tl.constexpr, ROW_PAD: tl.constexpr):
-    # grid: (num_tokens,). Each program copies one token's K and V row, a flat tile of
-    # num_kv_heads * head_dim (= ROW_SIZE, padded to the power of two ROW_PAD) elements.
+    # grid: (num_tokens,). A program copies one token's K and V row (kv_heads * head_dim = ROW_SIZE, padded to ROW_PAD)
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot < 0:  # slot -1 marks a padding token: write nothing
@@ -448,9 +429,8 @@ def store_kvcache(key, value, k_cache, v_cache, slot_mapping):
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.stride(1) == row_size
     if num_tokens == 0:
         return
-    _store_kvcache_kernel[(num_tokens,)](
-        key, value, k_cache, v_cache, slot_mapping, key.stride(0), value.stride(0),
-        ROW_SIZE=row_size, ROW_PAD=triton.next_power_of_2(row_size))
+    _store_kvcache_kernel[(num_tokens,)](key, value, k_cache, v_cache, slot_mapping, key.stride(0), value.stride(0),
+                                         ROW_SIZE=row_size, ROW_PAD=triton.next_power_of_2(row_size))
 
 
 @triton.jit
@@ -498,14 +478,12 @@ def _prefill_attention_kernel(
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < q_len
     dims = tl.arange(0, HEAD_DIM)
-    # the queries are the last q_len positions of the context; each sees keys 0..its position
-    q_pos = context_len - q_len + rows
+    q_pos = context_len - q_len + rows  # the last q_len positions of the context; each query sees keys 0..its position
     q_offs = (q_start + rows).to(tl.int64)[:, None] * q_stride_token + head * q_stride_head + dims[None, :]
     q = tl.load(q_ptr + q_offs, mask=row_mask[:, None], other=0.0)
     q = q.to(tl.float32) if UPCAST else q
 
-    m_i = tl.full([BLOCK_M], -1e30, tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    m_i, l_i = tl.full([BLOCK_M], -1e30, tl.float32), tl.zeros([BLOCK_M], tl.float32)  # running row max and sum
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     kv_head = head // (NUM_HEADS // NUM_KV_HEADS)
     block_table_ptr = block_tables_ptr + seq.to(tl.int64) * block_tables_stride
@@ -517,14 +495,12 @@ def _prefill_attention_kernel(
                              BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, UPCAST)
         allowed = (kv_pos[None, :] <= q_pos[:, None]) & kv_mask[None, :]
         m_i, l_i, acc = _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale)
-
     out_offs = (q_start + rows).to(tl.int64)[:, None] * (NUM_HEADS * HEAD_DIM) + head * HEAD_DIM + dims[None, :]
     tl.store(out_ptr + out_offs, acc / l_i[:, None], mask=row_mask[:, None])
 
 
-def prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q,
-                      out=None):
-    num_tokens, num_heads, head_dim = q.shape
+def prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q, out=None):
+    _, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous() and out.is_contiguous()
@@ -533,8 +509,7 @@ def prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tab
     # bf16 on the H100: 64 x 64 tiles and 4 warps ran fastest for prompts of 500-2,000 tokens.
     block_m, block_n = (32, 32) if fp32 else (64, 64)
     block_m = 16 if max_seqlen_q <= 16 else block_m  # short chunks (e.g. prefix-cache hits)
-    grid = (triton.cdiv(max_seqlen_q, block_m), num_heads, cu_seqlens_q.numel() - 1)
-    _prefill_attention_kernel[grid](
+    _prefill_attention_kernel[(triton.cdiv(max_seqlen_q, block_m), num_heads, cu_seqlens_q.numel() - 1)](
         q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables,
         scale * LOG2_E, q.stride(0), q.stride(1), block_tables.stride(0),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
@@ -548,9 +523,8 @@ def _decode_attention_kernel(
         block_tables_ptr, qk_scale, q_stride_seq, q_stride_head, block_tables_stride,
         NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr,
         GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, UPCAST: tl.constexpr):
-    # grid: (batch, num_kv_heads, NUM_SPLITS), fixed whatever the context lengths (CUDA-graph safe).
-    # The GROUP query heads sharing a kv head form one (GROUP_PAD, HEAD_DIM) tile (padding rows
-    # masked), so each (BLOCK_N, HEAD_DIM) K/V tile is read once for all of them.
+    # grid: (batch, num_kv_heads, NUM_SPLITS), whatever the context lengths (CUDA-graph safe). A kv head's GROUP query
+    # heads form one (GROUP_PAD, HEAD_DIM) tile (padding rows masked): each K/V tile is read once for all.
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
     # deal the sequence's KV tiles out evenly; trailing splits may get none and then write l = 0
@@ -567,8 +541,7 @@ def _decode_attention_kernel(
     q = tl.load(q_ptr + q_offs, mask=head_mask[:, None], other=0.0)
     q = q.to(tl.float32) if UPCAST else q
 
-    m_i = tl.full([GROUP_PAD], -1e30, tl.float32)
-    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    m_i, l_i = tl.full([GROUP_PAD], -1e30, tl.float32), tl.zeros([GROUP_PAD], tl.float32)  # running row max and sum
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     block_table_ptr = block_tables_ptr + seq.to(tl.int64) * block_tables_stride
     for tile in range(tile_start, tile_end):
@@ -577,9 +550,7 @@ def _decode_attention_kernel(
         k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_ptr, kv_pos, kv_mask, kv_head,
                              BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, UPCAST)
         m_i, l_i, acc = _online_softmax_step(q, k, v, kv_mask[None, :], m_i, l_i, acc, qk_scale)
-
-    # partials are laid out (batch, num_heads, NUM_SPLITS[, HEAD_DIM])
-    part = (seq * NUM_KV_HEADS * GROUP + heads) * NUM_SPLITS + split
+    part = (seq * NUM_KV_HEADS * GROUP + heads) * NUM_SPLITS + split  # partials: (batch, heads, NUM_SPLITS[, HEAD_DIM])
     tl.store(part_m_ptr + part, m_i, mask=head_mask)
     tl.store(part_l_ptr + part, l_i, mask=head_mask)
     tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=head_mask[:, None])
@@ -599,9 +570,8 @@ def _decode_reduce_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr,
                   mask=split_mask[:, None], other=0.0)
     weight = tl.exp2(m - tl.max(m, axis=0))  # bring every split to the common max
     total = tl.sum(l * weight, axis=0)
-    out = tl.sum(acc * weight[:, None], axis=0)
     # context_len == 0 (padding row): every split is empty, acc is 0 and so is the output
-    out = out / tl.where(total > 0, total, 1.0)
+    out = tl.sum(acc * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + row * HEAD_DIM + dims, out)
 
 
@@ -627,44 +597,35 @@ def decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale, num
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, NUM_SPLITS=num_splits,
         UPCAST=not q.is_cuda, num_warps=4)
-    _decode_reduce_kernel[(batch * num_heads,)](
-        part_m, part_l, part_acc, out, NUM_SPLITS=num_splits,
-        SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim)
+    _decode_reduce_kernel[(batch * num_heads,)](part_m, part_l, part_acc, out, NUM_SPLITS=num_splits,
+                                                SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim)
     return out
 
 
-class PagedAttention(nn.Module):
-    def __init__(self, head_dim):
-        super().__init__()
-        self.scale = head_dim ** -0.5
-        self.k_cache = self.v_cache = torch.tensor([])  # bound to slices of the engine's cache later
-
-    def forward(self, q, k, v, meta):  # q: (N, heads, hd); k, v: (N, kv_heads, hd) -> (N, heads, hd)
-        if q.is_cuda:  # the fast path: Triton kernels
-            store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-            if meta.max_seqlen_q == 1:
-                return decode_attention(q, self.k_cache, self.v_cache, meta.context_lens, meta.block_tables, self.scale)
-            return prefill_attention(q, self.k_cache, self.v_cache, meta.cu_seqlens_q, meta.context_lens,
-                                     meta.block_tables, self.scale, meta.max_seqlen_q)
-        store_kvcache_reference(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        return paged_attention_reference(q, self.k_cache, self.v_cache, meta.cu_seqlens_q, meta.context_lens,
-                                         meta.block_tables, self.scale)
+def paged_attention(q, k, v, k_cache, v_cache, meta, scale):  # q (N, heads, hd), k and v (N, kv_heads, hd) -> like q
+    if q.is_cuda:  # the fast path: Triton kernels
+        store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.max_seqlen_q == 1:
+            return decode_attention(q, k_cache, v_cache, meta.context_lens, meta.block_tables, scale)
+        return prefill_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens, meta.block_tables,
+                                 scale, meta.max_seqlen_q)
+    store_kvcache_reference(k, v, k_cache, v_cache, meta.slot_mapping)
+    return paged_attention_reference(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens,
+                                     meta.block_tables, scale)
 
 
 # -----------------------------------------------------------------------------
 # Sequences and the block manager (prefix caching)
-# A block is "published" under a hash once all its tokens are computed and in the cache. The hash
-# chains the parent block's hash with the block's own token ids, so equal hashes mean equal prefixes;
-# a hit is still confirmed against the stored parent hash and tokens. A block whose last user is done
-# goes back to the free list but keeps its hash and contents: a later request with the same prefix
-# revives it, until the block is handed out for new tokens (least recently freed first).
+# A block is "published" under a hash once all its tokens are computed and cached. The hash chains the parent block's
+# hash with the block's token ids, so equal hashes mean equal prefixes; a hit is still confirmed against the stored
+# parent hash and tokens. A block whose last user is done returns to the free list with its hash and contents: a later
+# request with the same prefix revives it, until it is handed out for new tokens (least recently freed first).
 
 class Sequence:
     def __init__(self, request_id, token_ids, params):
-        self.request_id = request_id
+        self.request_id, self.params = request_id, params
         self.token_ids = list(token_ids)     # prompt, then generated tokens
         self.num_prompt_tokens = len(token_ids)
-        self.params = params
         self.block_table = []
         self.num_computed_tokens = 0         # tokens whose keys/values are in the cache
         self.num_hashed_blocks = 0           # leading blocks already published under a hash
@@ -697,8 +658,7 @@ class Block:
 
 class BlockManager:
     def __init__(self, num_blocks, block_size, enable_prefix_caching=True):
-        self.block_size = block_size
-        self.enable_prefix_caching = enable_prefix_caching
+        self.block_size, self.enable_prefix_caching = block_size, enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free = OrderedDict.fromkeys(range(num_blocks))   # ref_count == 0, oldest-freed first
         self.hash_to_block = {}
@@ -708,8 +668,7 @@ class BlockManager:
         return len(self.free)
 
     def blocks_needed(self, seq, num_tokens):  # new blocks for seq to hold num_tokens more tokens
-        total = seq.num_computed_tokens + num_tokens
-        return max(0, triton.cdiv(total, self.block_size) - len(seq.block_table))
+        return max(0, triton.cdiv(seq.num_computed_tokens + num_tokens, self.block_size) - len(seq.block_table))
 
     def claim_cached_prefix(self, seq):
         # Take the longest run of published blocks matching the sequence's first full blocks, leaving at
@@ -755,8 +714,7 @@ class BlockManager:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free[block_id] = None
-        seq.block_table = []
-        seq.num_computed_tokens = seq.num_hashed_blocks = 0
+        seq.block_table, seq.num_computed_tokens, seq.num_hashed_blocks = [], 0, 0
 
 
 # -----------------------------------------------------------------------------
@@ -768,64 +726,51 @@ class BlockManager:
 
 class Scheduler:
     def __init__(self, config, block_manager, eos_token_ids):
-        self.max_num_seqs = config.max_num_seqs
-        self.max_num_batched_tokens = config.max_num_batched_tokens
-        self.max_model_len = config.max_model_len
-        self.block_manager = block_manager
+        self.config, self.block_manager = config, block_manager
         self.eos_token_ids = set(eos_token_ids)
         self.waiting = deque()   # not admitted, or preempted (at the front)
         self.running = []        # admitted, oldest first
         self.num_preemptions = 0
 
-    def is_finished(self):
-        return not self.waiting and not self.running
+    def schedule(self):  # -> (batch, is_prefill)
+        # a prefill step: first the running sequences still prefilling (chunked prompts), oldest first...
+        batch, budget = self.schedule_running([s for s in self.running if len(s) - s.num_computed_tokens > 1],
+                                              self.config.max_num_batched_tokens)
+        # ...then new (or preempted) sequences in arrival order, while their first chunk fits
+        while self.waiting and budget and len(self.running) < self.config.max_num_seqs:  # caps the batch too
+            seq = self.waiting[0]
+            self.block_manager.claim_cached_prefix(seq)
+            num_tokens = min(len(seq) - seq.num_computed_tokens, budget)
+            if self.block_manager.blocks_needed(seq, num_tokens) > self.block_manager.num_free_blocks:
+                self.block_manager.release(seq)  # give the claimed prefix back; try again next step
+                break
+            self.running.append(self.waiting.popleft())
+            seq.running = True
+            budget -= self.take(seq, num_tokens, batch)
+        if batch:
+            return batch, True
+        return self.schedule_running(list(self.running), len(self.running))[0], False  # decode: one token each
 
-    def schedule(self):
-        batch = self.schedule_prefill()
-        return (batch, True) if batch else (self.schedule_decode(), False)
-
-    def schedule_prefill(self):
-        batch, budget, bm = [], self.max_num_batched_tokens, self.block_manager
-        # first the running sequences still prefilling (chunked prompts), oldest first
-        for seq in [s for s in self.running if len(s) - s.num_computed_tokens > 1]:
+    def schedule_running(self, seqs, budget):  # oldest first -> (batch, budget left: 0 once a sequence must wait)
+        batch = []
+        for seq in seqs:
             if not seq.running:
                 continue  # preempted just now by an older sequence
             num_tokens = min(len(seq) - seq.num_computed_tokens, budget)
             if budget == 0 or not self.make_room(seq, num_tokens):
-                return batch
+                return batch, 0
             budget -= self.take(seq, num_tokens, batch)
-        # then new (or preempted) sequences in arrival order, while their first chunk fits
-        while self.waiting and budget and len(self.running) < self.max_num_seqs:  # caps the batch too
-            seq = self.waiting[0]
-            bm.claim_cached_prefix(seq)
-            num_tokens = min(len(seq) - seq.num_computed_tokens, budget)
-            if bm.blocks_needed(seq, num_tokens) > bm.num_free_blocks:
-                bm.release(seq)  # give the claimed prefix back; try again next step
-                break
-            self.waiting.popleft()
-            self.running.append(seq)
-            seq.running = True
-            budget -= self.take(seq, num_tokens, batch)
-        return batch
+        return batch, budget
 
-    def schedule_decode(self):
-        batch = []
-        for seq in list(self.running):
-            if not seq.running:
-                continue  # preempted by an older sequence in this loop
-            if not self.make_room(seq, 1):
-                break
-            self.take(seq, 1, batch)
-        return batch
-
-    def make_room(self, seq, num_tokens):
-        # newer sequences make way for older ones; with nothing newer left, seq itself waits
+    def make_room(self, seq, num_tokens):  # -> False if seq itself had to wait
         bm = self.block_manager
-        while bm.blocks_needed(seq, num_tokens) > bm.num_free_blocks and self.running[-1] is not seq:
-            self.preempt(self.running[-1])
-        if bm.blocks_needed(seq, num_tokens) > bm.num_free_blocks:
-            self.preempt(seq)
-            return False
+        while bm.blocks_needed(seq, num_tokens) > bm.num_free_blocks:
+            newest = self.running[-1]  # preempted: newer sequences make way for older ones, and last of all seq
+            self.remove(newest)
+            self.waiting.appendleft(newest)
+            self.num_preemptions += 1
+            if newest is seq:
+                return False
         return True
 
     def take(self, seq, num_tokens, batch):
@@ -833,11 +778,6 @@ class Scheduler:
         seq.num_scheduled_tokens = num_tokens
         batch.append(seq)
         return num_tokens
-
-    def preempt(self, seq):
-        self.remove(seq)
-        self.waiting.appendleft(seq)
-        self.num_preemptions += 1
 
     def remove(self, seq):  # out of its queue, if in one; a running sequence gives its blocks back
         if seq.running:
@@ -871,7 +811,7 @@ class Scheduler:
             self.remove(seq)
 
     def at_length_limit(self, seq):
-        return len(seq) - seq.num_prompt_tokens == seq.params.max_tokens or len(seq) == self.max_model_len
+        return len(seq) - seq.num_prompt_tokens == seq.params.max_tokens or len(seq) == self.config.max_model_len
 
 
 # -----------------------------------------------------------------------------
@@ -938,8 +878,7 @@ class ModelRunner:
     def __init__(self, config, tp=Parallel()):
         self.config, self.tp = config, tp
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if config.device == "cuda" else config.device)
-        self.block_size = config.kvcache_block_size
-        hf = config.hf
+        self.block_size, hf = config.kvcache_block_size, config.hf
         torch.set_default_dtype(config.torch_dtype)
         with self.device:
             self.model = Qwen3ForCausalLM(hf, tp)
@@ -949,13 +888,11 @@ class ModelRunner:
         self.block_bytes = (2 * hf.num_hidden_layers * self.block_size * self.kv_heads * hf.head_dim
                             * config.torch_dtype.itemsize)
         self.graphs, self.max_graph_batch = {}, 0  # no CUDA graphs until capture_cudagraph()
-        num_blocks = config.num_kvcache_blocks or self.measure_kv_cache_blocks()
+        num_blocks = torch.tensor([config.num_kvcache_blocks or self.measure_kv_cache_blocks()], device=self.device)
         if tp.size > 1:  # every rank must agree: take the smallest
-            n = torch.tensor([num_blocks], device=self.device)
-            dist.all_reduce(n, dist.ReduceOp.MIN, group=tp.group)
-            num_blocks = int(n.item())
-        self.num_kvcache_blocks = num_blocks
-        self.allocate_kv_cache(num_blocks)
+            dist.all_reduce(num_blocks, dist.ReduceOp.MIN, group=tp.group)
+        self.num_kvcache_blocks = int(num_blocks.item())
+        self.allocate_kv_cache(self.num_kvcache_blocks)
         if self.device.type == "cuda" and not config.enforce_eager:
             self.capture_cudagraph()
 
@@ -990,7 +927,7 @@ class ModelRunner:
         self.kv_cache = torch.empty(2, hf.num_hidden_layers, num_blocks, self.block_size, self.kv_heads, hf.head_dim,
                                     dtype=self.config.torch_dtype, device=self.device)
         for i, layer in enumerate(self.model.model.layers):
-            layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+            layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
 
     def measure_kv_cache_blocks(self):
         if self.device.type == "cpu":  # a fixed budget: the CPU path is for learning and tests
@@ -1030,8 +967,7 @@ class ModelRunner:
         t = torch.tensor(values, dtype=dtype, pin_memory=self.device.type == "cuda")
         return t.to(self.device, non_blocking=True)
 
-    def prepare(self, batch):
-        # host lists describing one step; rank 0 builds them and sends them to the other ranks
+    def prepare(self, batch):  # host lists describing one step; rank 0 builds them and sends them to the other ranks
         bs = self.block_size
         step = dict(input_ids=[], positions=[], slot_mapping=[], cu_seqlens_q=[0], context_lens=[],
                     block_tables=[], logits_rows=[])
@@ -1104,11 +1040,10 @@ class ModelRunner:
 
 # -----------------------------------------------------------------------------
 # Tensor-parallel launcher
-# LLM(tensor_parallel_size=N) starts ranks 1..N-1 with torch.multiprocessing (spawn). They meet rank 0
-# through a FileStore in a fresh temporary file (no port, no shared-memory name: engines never collide),
-# build their shard of the model and run ModelRunner.loop(). The model's collectives use NCCL on GPUs and
-# gloo on CPUs; commands travel on a gloo group. A worker that fails puts its traceback on a queue and
-# exits; rank 0 then fails its next collective, ends every worker and raises that traceback.
+# LLM(tensor_parallel_size=N) spawns ranks 1..N-1 with torch.multiprocessing. They meet rank 0 at a FileStore in a fresh
+# temporary file (no port or shared-memory name: engines never collide), build their model shard and run
+# ModelRunner.loop(). Collectives use NCCL on GPUs, gloo on CPUs; commands travel on a gloo group. A failing worker
+# queues its traceback and exits; rank 0 then fails its next collective, ends every worker and raises that traceback.
 
 def init_workers(config):
     ctx = torch.multiprocessing.get_context("spawn")
@@ -1119,10 +1054,9 @@ def init_workers(config):
     for w in workers:
         w.start()
     try:
-        tp = init_parallel(config.device, config.tensor_parallel_size, 0, f"file://{store}")
+        return init_parallel(config.device, config.tensor_parallel_size, 0, f"file://{store}"), workers, errors
     finally:
         os.unlink(store)  # every rank has opened it by now (or failed)
-    return tp, workers, errors
 
 
 def init_parallel(device, tp_size, rank, init_method=None, world_size=None, local_rank=None):
@@ -1133,13 +1067,12 @@ def init_parallel(device, tp_size, rank, init_method=None, world_size=None, loca
     if backend == "nccl":
         torch.cuda.set_device(rank if local_rank is None else local_rank)
     dist.init_process_group(backend, init_method=init_method, world_size=world_size, rank=rank)
-    groups = []  # every rank creates every group, in the same order
+    groups = []  # (group, control) of each tensor-parallel group; every rank creates all of them, in the same order
     for first in range(0, world_size, tp_size):
         ranks = list(range(first, first + tp_size))
         group = dist.group.WORLD if tp_size == world_size else dist.new_group(ranks)  # one group: the world
         groups.append((group, group if backend == "gloo" else dist.new_group(ranks, backend="gloo")))
-    group, control = groups[rank // tp_size]
-    return Parallel(rank % tp_size, tp_size, group, control, first=rank - rank % tp_size)
+    return Parallel(rank % tp_size, tp_size, *groups[rank // tp_size], first=rank - rank % tp_size)
 
 
 def worker_main(config, rank, init_method, errors):
@@ -1157,8 +1090,7 @@ def worker_main(config, rank, init_method, errors):
 
 class LLM:
     def __init__(self, model, parallel=None, **kwargs):
-        # parallel: this process's tensor-parallel group when the caller made it (torchrun); otherwise
-        # tensor_parallel_size > 1 spawns the other ranks here
+        # parallel: the caller's tensor-parallel group (torchrun); None: tensor_parallel_size > 1 spawns the other ranks
         self.config = config = Config(model, **kwargs)
         from transformers import AutoTokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(model)
@@ -1177,7 +1109,7 @@ class LLM:
         eos = config.hf.eos_token_ids or (self.tokenizer.eos_token_id,)
         self.eos_token_ids = tuple(e for e in eos if e is not None)
         self.scheduler = Scheduler(config, self.block_manager, self.eos_token_ids)
-        self.next_request_id = 0
+        self.request_ids = itertools.count()  # ids for new requests: 0, 1, 2, ...
         # counters since start; prefill_tokens and decode_tokens count the tokens computed in each kind of step
         self.stats = dict(prompt_tokens=0, cached_prompt_tokens=0, prefill_tokens=0, decode_tokens=0,
                           preemptions=0, steps=0)
@@ -1218,13 +1150,11 @@ class LLM:
                 raise
             self.exit(e)
 
-    def collective_rpc(self, fn, *args):
-        # fn(model_runner, *args) on every rank, for experiments (inspect a shard, swap weights); results in rank order
+    def collective_rpc(self, fn, *args):  # fn(runner, *args) on every rank (inspect or swap weights) -> results by rank
         return self.call("rpc", fn, args)
 
     # ---- requests
-    def make_sequence(self, prompt, params):
-        # validate before any work, so a bad request changes nothing
+    def make_sequence(self, prompt, params):  # validate before any work, so a bad request changes nothing
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
         if isinstance(prompt, str):
@@ -1248,9 +1178,7 @@ class LLM:
         if need > self.num_kvcache_blocks:
             raise ValueError(f"request needs {need} KV-cache blocks at full length but the cache has only "
                              f"{self.num_kvcache_blocks}: it could never run; shorten it or lower max_tokens")
-        seq = Sequence(self.next_request_id, token_ids, params)
-        self.next_request_id += 1
-        return seq
+        return Sequence(next(self.request_ids), token_ids, params)
 
     def add_request(self, prompt, sampling_params=None):
         seq = self.make_sequence(prompt, sampling_params or SamplingParams())
@@ -1269,15 +1197,14 @@ class LLM:
             seq.finish_reason = "abort"
 
     def is_finished(self):
-        return self.scheduler.is_finished() and self.pending is None
+        return not self.scheduler.waiting and not self.scheduler.running and self.pending is None
 
     # ---- one step of the engine: schedule, run the model, sample, update the sequences
     # The host works one step ahead of the GPU: step N+1 is scheduled and launched before step N's sampled
     # ids are read back, so the GPU never waits for Python. Until then each new token is a placeholder,
     # -1 - its row in step N's sample, which run() swaps for the real id on the device. The model on other
     # tensor-parallel ranks has no sample to read from, so with TP each step's ids are read back first.
-    def step(self):
-        # -> the sequences whose new token reached the host (finished ones included)
+    def step(self):  # -> the sequences whose new token reached the host (finished ones included)
         done = self.resolve() if self.config.tensor_parallel_size > 1 else []
         batch, is_prefill = self.scheduler.schedule()
         if not batch:
@@ -1396,9 +1323,8 @@ class LLM:
 def build_random_checkpoint(path, seed=0, dtype=torch.float32, **config):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM as HFQwen3ForCausalLM
-    config = dict(dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
-                       tie_word_embeddings=False), **config)
+    config = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, tie_word_embeddings=False) | config
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     tok.train_from_iterator([__doc__] * 4, trainers.BpeTrainer(
@@ -1431,7 +1357,7 @@ def run_job(llm, input_path, output_path, defaults, shard=(0, 1), use_tqdm=True)
                     done.add(json.dumps(json.loads(line)["id"]))
                 except (ValueError, KeyError, TypeError):
                     pass  # a line cut short by a crash: its request runs again
-    seqs, ids, queued = [], {}, set()  # ids: request id -> the line's id (as JSON); queued: those ids
+    jobs = {}  # the line's id (as JSON) -> its sequence
     with open(input_path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip() or (lineno - 1) % shard[1] != shard[0]:
@@ -1443,7 +1369,7 @@ def run_job(llm, input_path, output_path, defaults, shard=(0, 1), use_tqdm=True)
                 key = json.dumps(item["id"])
                 if key in done:
                     continue
-                if key in queued:
+                if key in jobs:
                     raise ValueError(f"duplicate id {item['id']!r}")
                 prompt = item["prompt"] if "prompt" in item else llm.tokenizer.apply_chat_template(
                     item["messages"], tokenize=False, add_generation_prompt=True)
@@ -1451,31 +1377,27 @@ def run_job(llm, input_path, output_path, defaults, shard=(0, 1), use_tqdm=True)
                 if unknown:
                     raise ValueError(f"unknown fields {sorted(unknown)}")
                 params = SamplingParams(**{k: item.get(k, getattr(defaults, k)) for k in JOB_SAMPLING_FIELDS})
-                seq = llm.make_sequence(prompt, params)
+                jobs[key] = llm.make_sequence(prompt, params)
             except Exception as e:  # report the line and go on with the rest
                 print(f"{input_path}:{lineno}: skipped: {e}", file=sys.stderr)
-                continue
-            seqs.append(seq)
-            ids[seq.request_id] = key
-            queued.add(key)
     if done:
-        print(f"{output_path}: {len(done)} results already there, {len(seqs)} to go", file=sys.stderr)
+        print(f"{output_path}: {len(done)} results already there, {len(jobs)} to go", file=sys.stderr)
+    ids = {seq.request_id: json.loads(key) for key, seq in jobs.items()}  # request id -> the line's id
     with open(output_path, "a+b", buffering=0) as out:  # unbuffered: each write() goes straight to the file
         if out.seek(0, os.SEEK_END) and os.pread(out.fileno(), 1, out.tell() - 1) != b"\n":
             out.write(b"\n")  # end a line cut short by a crash before appending
 
         def write(seq):  # one write() per line: a kill never leaves half a new line behind
-            line = dict(id=json.loads(ids[seq.request_id]), **llm.result(seq), prompt_tokens=seq.num_prompt_tokens)
+            line = dict(id=ids[seq.request_id], **llm.result(seq), prompt_tokens=seq.num_prompt_tokens)
             out.write((json.dumps(line) + "\n").encode())
-        llm.run(seqs, use_tqdm, on_finish=write)
+        llm.run(list(jobs.values()), use_tqdm, on_finish=write)
 
 
 JOB_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "ignore_eos")
 
 
 def chat(llm, params, read=input):
-    # keeps the conversation: each turn's prompt starts with the earlier turns, which the prefix cache serves
-    messages = []
+    messages = []  # the conversation: each turn's prompt starts with the earlier turns, which the prefix cache serves
     print("Chat with the model (random weights talk gibberish). An empty line or Ctrl-D ends it.")
     while True:
         try:
