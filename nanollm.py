@@ -50,6 +50,10 @@ import triton
 import triton.language as tl
 
 
+def cdiv(a, b):  # ceiling division; triton.cdiv gives the same but costs microseconds a call, too slow per sequence
+    return -(-a // b)
+
+
 # -----------------------------------------------------------------------------
 # Config: the checkpoint's config.json and the engine's knobs
 
@@ -188,7 +192,7 @@ class VocabParallelEmbedding(nn.Module):  # a contiguous slice of the vocabulary
     def __init__(self, vocab_size, hidden_size, tp):
         super().__init__()
         self.tp, self.vocab_size = tp, vocab_size
-        self.rows = triton.cdiv(vocab_size, tp.size)
+        self.rows = cdiv(vocab_size, tp.size)
         self.start = tp.rank * self.rows
         self.weight = nn.Parameter(torch.zeros(self.rows, hidden_size), requires_grad=False)
 
@@ -388,7 +392,7 @@ def paged_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, b
     cu, lens = cu_seqlens_q.tolist(), context_lens.tolist()
     for i, ctx in enumerate(lens):
         qi = q[cu[i]:cu[i + 1]].float()                                  # (n, heads, head_dim)
-        blocks = block_tables[i, :triton.cdiv(ctx, block_size)].long()
+        blocks = block_tables[i, :cdiv(ctx, block_size)].long()
         k = k_cache[blocks].flatten(0, 1)[:ctx].float().repeat_interleave(group, 1)  # (ctx, heads, hd)
         v = v_cache[blocks].flatten(0, 1)[:ctx].float().repeat_interleave(group, 1)
         scores = torch.einsum("nhd,khd->hnk", qi, k) * scale
@@ -509,7 +513,7 @@ def prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tab
     # bf16 on the H100: 64 x 64 tiles and 4 warps ran fastest for prompts of 500-2,000 tokens.
     block_m, block_n = (32, 32) if fp32 else (64, 64)
     block_m = 16 if max_seqlen_q <= 16 else block_m  # short chunks (e.g. prefix-cache hits)
-    _prefill_attention_kernel[(triton.cdiv(max_seqlen_q, block_m), num_heads, cu_seqlens_q.numel() - 1)](
+    _prefill_attention_kernel[(cdiv(max_seqlen_q, block_m), num_heads, cu_seqlens_q.numel() - 1)](
         q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables,
         scale * LOG2_E, q.stride(0), q.stride(1), block_tables.stride(0),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
@@ -519,7 +523,7 @@ def prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tab
 
 @triton.jit
 def _decode_attention_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, context_lens_ptr,
+        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, context_lens_ptr,
         block_tables_ptr, qk_scale, q_stride_seq, q_stride_head, block_tables_stride,
         NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr,
         GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, UPCAST: tl.constexpr):
@@ -550,6 +554,10 @@ def _decode_attention_kernel(
         k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_ptr, kv_pos, kv_mask, kv_head,
                              BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, UPCAST)
         m_i, l_i, acc = _online_softmax_step(q, k, v, kv_mask[None, :], m_i, l_i, acc, qk_scale)
+    if NUM_SPLITS == 1:  # nothing to merge: the output itself (0 for a padding row, whose context is empty)
+        out_offs = (seq * NUM_KV_HEADS * GROUP + heads)[:, None] * HEAD_DIM + dims[None, :]
+        tl.store(out_ptr + out_offs, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], mask=head_mask[:, None])
+        return
     part = (seq * NUM_KV_HEADS * GROUP + heads) * NUM_SPLITS + split  # partials: (batch, heads, NUM_SPLITS[, HEAD_DIM])
     tl.store(part_m_ptr + part, m_i, mask=head_mask)
     tl.store(part_l_ptr + part, l_i, mask=head_mask)
@@ -586,19 +594,20 @@ def decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale, num
     if num_splits is None:  # from shapes only (CUDA-graph safe): about two waves of programs over the
         # SMs, no more splits than the block table holds KV tiles, and at most 32 (the reduce reads them all)
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
-        max_tiles = triton.cdiv(block_tables.shape[1] * block_size, block_n)
-        num_splits = max(1, min(triton.cdiv(2 * sms, batch * num_kv_heads), max_tiles, 32))
+        max_tiles = cdiv(block_tables.shape[1] * block_size, block_n)
+        num_splits = max(1, min(cdiv(2 * sms, batch * num_kv_heads), max_tiles, 32))
     part_m = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
     _decode_attention_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, part_m, part_l, part_acc, context_lens, block_tables,
+        q, k_cache, v_cache, out, part_m, part_l, part_acc, context_lens, block_tables,
         scale * LOG2_E, q.stride(0), q.stride(1), block_tables.stride(0),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, NUM_SPLITS=num_splits,
         UPCAST=not q.is_cuda, num_warps=4)
-    _decode_reduce_kernel[(batch * num_heads,)](part_m, part_l, part_acc, out, NUM_SPLITS=num_splits,
-                                                SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim)
+    if num_splits > 1:  # one split writes the output itself
+        _decode_reduce_kernel[(batch * num_heads,)](part_m, part_l, part_acc, out, NUM_SPLITS=num_splits,
+                                                    SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim)
     return out
 
 
@@ -668,7 +677,7 @@ class BlockManager:
         return len(self.free)
 
     def blocks_needed(self, seq, num_tokens):  # new blocks for seq to hold num_tokens more tokens
-        return max(0, triton.cdiv(seq.num_computed_tokens + num_tokens, self.block_size) - len(seq.block_table))
+        return max(0, cdiv(seq.num_computed_tokens + num_tokens, self.block_size) - len(seq.block_table))
 
     def claim_cached_prefix(self, seq):
         # Take the longest run of published blocks matching the sequence's first full blocks, leaving at
@@ -855,7 +864,7 @@ def _sample_kernel(logits_ptr, temperature_ptr, seed_ptr, best_ptr, best_index_p
     for start in range(part * PART, (part + 1) * PART, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         logit = tl.load(logits_ptr + row * row_stride + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
-        race = logit / tl.maximum(temperature, 1e-6) - tl.log(-tl.log(tl.rand(seed, cols)))
+        race = logit * (LOG2_E / tl.maximum(temperature, 1e-6)) - tl.log2(-tl.log2(tl.rand(seed, cols)))  # in base 2
         score = tl.where(temperature > 0, race, logit)
         better = score > best
         best, best_index = tl.where(better, score, best), tl.where(better, cols, best_index)
@@ -866,7 +875,7 @@ def _sample_kernel(logits_ptr, temperature_ptr, seed_ptr, best_ptr, best_index_p
 
 def sample_triton(logits, temperature, seeds, part=8192, block=1024):
     rows, vocab = logits.shape
-    parts = triton.cdiv(vocab, part)  # the row is split so that even one row fills the GPU
+    parts = cdiv(vocab, part)  # the row is split so that even one row fills the GPU
     best = torch.empty(rows, parts, device=logits.device)
     best_index = torch.empty_like(best, dtype=torch.int32)
     _sample_kernel[(rows, parts)](logits, temperature, seeds, best, best_index, vocab, logits.stride(0),
@@ -938,7 +947,7 @@ class ModelRunner:
         n, rest = divmod(cfg.max_num_batched_tokens, cfg.max_model_len)
         seqs = [Sequence(-1, [0] * m, None) for m in [cfg.max_model_len] * n + ([rest] if rest else [])]
         for seq in seqs:  # what the cache holds does not matter here, so all of them share the first blocks
-            seq.num_scheduled_tokens, seq.block_table = len(seq), list(range(triton.cdiv(len(seq), bs)))
+            seq.num_scheduled_tokens, seq.block_table = len(seq), list(range(cdiv(len(seq), bs)))
         self.allocate_kv_cache(len(seqs[0].block_table))
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -1009,7 +1018,7 @@ class ModelRunner:
         cfg = self.config
         max_bs = min(cfg.max_num_seqs, 512)
         self.graph_batch_sizes = [b for b in [1, 2, 4, 8, *range(16, max_bs, 16)] if b < max_bs] + [max_bs]
-        width = triton.cdiv(cfg.max_model_len, self.block_size)
+        width = cdiv(cfg.max_model_len, self.block_size)
         with self.device:  # static buffers: a replay reads its inputs from these and writes `hidden`
             i32 = dict(dtype=torch.int32)
             self.graph_vars = v = dict(
@@ -1174,7 +1183,7 @@ class LLM:
         if len(token_ids) >= cfg.max_model_len:
             raise ValueError(f"prompt of {len(token_ids)} tokens does not fit max_model_len={cfg.max_model_len} "
                              f"with room for one new token")
-        need = triton.cdiv(min(len(token_ids) + params.max_tokens, cfg.max_model_len), cfg.kvcache_block_size)
+        need = cdiv(min(len(token_ids) + params.max_tokens, cfg.max_model_len), cfg.kvcache_block_size)
         if need > self.num_kvcache_blocks:
             raise ValueError(f"request needs {need} KV-cache blocks at full length but the cache has only "
                              f"{self.num_kvcache_blocks}: it could never run; shorten it or lower max_tokens")
