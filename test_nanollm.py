@@ -472,6 +472,43 @@ def test_store_kvcache(dtype):
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
 
 
+HOPPER_LAUNCHES = [  # each kernel with the compile-time constants the engine gives it for Qwen3-0.6B in bf16
+    (nanollm._store_kvcache_kernel, dict(ROW_SIZE=1024, ROW_PAD=1024)),
+    (nanollm._prefill_attention_kernel, dict(NUM_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_SIZE=256, BLOCK_M=64,
+                                             BLOCK_N=64, UPCAST=False)),
+    *[(nanollm._decode_attention_kernel, dict(NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_SIZE=256, GROUP=2, GROUP_PAD=16,
+                                              BLOCK_N=64, NUM_SPLITS=splits, UPCAST=False)) for splits in (1, 8)],
+    (nanollm._decode_reduce_kernel, dict(NUM_SPLITS=8, SPLITS_PAD=8, HEAD_DIM=128)),
+    (nanollm._sample_kernel, dict(PART=8192, BLOCK=1024)),
+]
+
+
+def compile_kernels_for_hopper():  # in a process without TRITON_INTERPRET: see the next test
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    bf16 = {"key", "value", "k_cache", "v_cache", "q", "out", "logits"}
+    fp32 = {"part_m", "part_l", "part_acc", "temperature", "best"}
+    for kernel, constants in HOPPER_LAUNCHES:
+        def arg_type(name):
+            if name in constants:
+                return "constexpr"
+            if name.endswith("_ptr"):
+                return "*bf16" if name[:-4] in bf16 else "*fp32" if name[:-4] in fp32 else "*i32"
+            return "fp32" if name == "qk_scale" else "i32"
+        signature = {p.name: arg_type(p.name) for p in kernel.params}
+        triton.compile(ASTSource(kernel, signature, constexprs=constants), target=GPUTarget("cuda", 90, 32))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU every kernel is compiled for real by the tests")
+def test_kernels_compile_for_hopper():
+    # The interpreter runs a kernel as Python, so it accepts what only the compiler rejects (a Python global read
+    # inside a kernel, say): compile each kernel for an H100 (sm_90), as the engine launches it.
+    import subprocess
+    import sys
+    subprocess.run([sys.executable, "-c", "import test_nanollm; test_nanollm.compile_kernels_for_hopper()"],
+                   env=dict(os.environ, TRITON_INTERPRET="0"), cwd=os.path.dirname(os.path.abspath(__file__)), check=True)
+
+
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("block_size", [16, 256])
