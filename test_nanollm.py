@@ -325,6 +325,25 @@ def test_bad_requests_change_nothing(checkpoints, hf_models):
     assert llm.generate([good], GREEDY, use_tqdm=False)[0]["token_ids"] == hf_greedy(hf_models["gqa2-untied"], good, 12)
 
 
+def test_placeholder_is_read_on_the_device(checkpoints):
+    # A token still on its way to the host is a placeholder, -1 - its row in the previous step's sample; the
+    # runner reads it there. Prefill included: a sequence preempted and readmitted within one schedule() call.
+    llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
+    prompt = random_prompts([20], seed=12)[0]
+
+    def prefill_logits(seq, sampled=None):
+        llm.block_manager.allocate(seq, len(seq))
+        seq.num_scheduled_tokens = len(seq)
+        logits = llm.runner.run(llm.runner.prepare([seq]), sampled)
+        llm.block_manager.release(seq)
+        return logits
+    held = Sequence(1, prompt[:-1], GREEDY)
+    held.placeholder = -1 - 2  # row 2 of the previous sample
+    sampled = torch.tensor([7, 8, prompt[-1], 9], dtype=torch.int32, device=DEVICE)
+    assert len(held) == len(prompt)
+    assert torch.equal(prefill_logits(held, sampled), prefill_logits(Sequence(0, prompt, GREEDY)))
+
+
 def test_step_level_api(checkpoints, hf_models):
     llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
     prompts = random_prompts([3, 18], seed=11)
