@@ -772,8 +772,7 @@ class Scheduler:
         return batch, budget
 
     def make_room(self, seq, num_tokens):  # -> False if seq itself had to wait
-        bm = self.block_manager
-        while bm.blocks_needed(seq, num_tokens) > bm.num_free_blocks:
+        while self.block_manager.blocks_needed(seq, num_tokens) > self.block_manager.num_free_blocks:
             newest = self.running[-1]  # preempted: newer sequences make way for older ones, and last of all seq
             self.remove(newest)
             self.waiting.appendleft(newest)
