@@ -1223,8 +1223,8 @@ class LLM:
         rows = [seq for seq in batch if seq.num_computed_tokens + seq.num_scheduled_tokens == len(seq)]
         sampled = self.sample(rows, logits) if rows else None
         done += self.resolve()  # step N's ids: queued for the host before step N+1's work
-        waiting = self.scheduler.postprocess(batch, rows)
-        self.pending = (waiting, *sampled) if waiting else None
+        in_flight = self.scheduler.postprocess(batch, rows)
+        self.pending = (in_flight, *sampled) if in_flight else None
         for seq in batch:
             self.stats["cached_prompt_tokens"] += seq.num_cached_tokens
             seq.num_cached_tokens = 0  # counted once per admission
@@ -1253,10 +1253,10 @@ class LLM:
     def resolve(self):  # the previous step's sampled ids reach the host; -> the sequences that got one
         if self.pending is None:
             return []
-        (seqs, _, host, copied), self.pending = self.pending, None
+        seqs, _, host, copied = self.pending
         if copied is not None:
-            copied.synchronize()  # the one wait for the GPU per step
-        tokens = host.tolist()
+            copied.synchronize()  # the one wait for the GPU per step (Ctrl-C here loses nothing: it stays pending)
+        tokens, self.pending = host.tolist(), None
         for seq in seqs:
             self.scheduler.finish(seq, tokens[-1 - seq.placeholder])
             if seq.is_finished:
