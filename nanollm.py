@@ -239,7 +239,7 @@ def apply_rope(x, positions, cos_sin):  # x: (N, heads, head_dim); cos_sin: (max
 
 
 @compiled_on_gpu
-def add_rms_norm(x, residual, weight, eps):  # -> (rms_norm(x + residual), x + residual); no residual: x
+def add_rms_norm(x, residual, weight, eps):  # -> (rms_norm(x + residual), x + residual), or (rms_norm(x), x)
     if residual is not None:
         x = x + residual
     return rms_norm(x, weight, eps), x
@@ -274,6 +274,7 @@ class Qwen3Attention(nn.Module):
         q_size, kv_size = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
         self.qkv_proj = MergedColumnParallelLinear(cfg.hidden_size, [q_size, kv_size, kv_size], tp)
         self.o_proj = RowParallelLinear(q_size, cfg.hidden_size, tp)
+        # per-head q/k norms: their weights go to qk_norm_rope, which fuses them with RoPE
         self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps), RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.k_cache = self.v_cache = torch.tensor([])  # bound to this layer's slices of the engine's cache later
 
@@ -797,7 +798,7 @@ class Scheduler:
 
     def postprocess(self, batch, rows):
         # rows: the sequences whose scheduled tokens reached their end, in the order of the step's sampled ids.
-        # Each gets a placeholder for its new token until finish(); -> the sequences that got one
+        # Each one still running gets a placeholder for its new token, which finish() replaces
         for seq in batch:
             if seq.running:  # not finished while the step ran
                 seq.num_computed_tokens += seq.num_scheduled_tokens
@@ -807,14 +808,13 @@ class Scheduler:
                 seq.placeholder = -1 - row
                 if self.at_length_limit(seq):
                     self.remove(seq)  # nothing left to compute; finish() gives the reason
-        return [seq for seq in rows if seq.placeholder is not None]
 
     def finish(self, seq, token):  # the sampled id of seq's placeholder reached the host
         seq.token_ids.append(token)
         seq.placeholder = None
         p = seq.params
         stop = (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids
-        if not seq.is_finished and (stop or self.at_length_limit(seq)):  # (an aborted one is finished)
+        if stop or self.at_length_limit(seq):
             seq.finish_reason = "stop" if stop else "length"
             self.remove(seq)
 
@@ -860,9 +860,10 @@ def _sample_kernel(logits_ptr, temperature_ptr, seed_ptr, best_ptr, best_index_p
     temperature, seed = tl.load(temperature_ptr + row), tl.load(seed_ptr + row)
     best = tl.full([BLOCK], float("-inf"), tl.float32)  # per lane: the best score so far and its index
     best_index = tl.zeros([BLOCK], tl.int32)
+    row_ptr = logits_ptr + row.to(tl.int64) * row_stride  # int64: rows x vocab passes 2^31 at ~14K rows
     for start in range(part * PART, (part + 1) * PART, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        logit = tl.load(logits_ptr + row * row_stride + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+        logit = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
         # the reference's race times log2(e), less a constant: the same argmax, on the cheaper base-2 logs
         race = logit * (1.4426950408889634 / tl.maximum(temperature, 1e-6)) - tl.log2(-tl.log2(tl.rand(seed, cols)))
         score = tl.where(temperature > 0, race, logit)
@@ -956,8 +957,8 @@ class ModelRunner:
         step = self.prepare(seqs)
         step["logits_rows"] = (step["logits_rows"] * cfg.max_num_seqs)[:cfg.max_num_seqs]  # the largest sampled batch
         logits = self.run(step)
-        if logits is not None:  # the sampler at its largest, filtered or not; at batch 1 too, so that
-            for rows in (logits, logits[:1]):  # torch.compile never compiles in the middle of a run
+        if logits is not None:  # the sampler with filters (the compiled part) at its largest batch and at batch 1,
+            for rows in (logits, logits[:1]):  # so that torch.compile never compiles in the middle of a run
                 ones = torch.ones(rows.shape[0], device=self.device)
                 sample(rows, ones, ones.int(), (50 * ones).long(), 0.9 * ones)
         torch.cuda.synchronize()
@@ -1120,6 +1121,7 @@ class LLM:
         self.scheduler = Scheduler(config, self.block_manager, self.eos_token_ids)
         self.request_ids = itertools.count()  # ids for new requests: 0, 1, 2, ...
         # counters since start; prefill_tokens and decode_tokens count the tokens computed in each kind of step
+        # (with a sequence that stopped while already in the next step's batch: that row is counted too)
         self.stats = dict(prompt_tokens=0, cached_prompt_tokens=0, prefill_tokens=0, decode_tokens=0,
                           preemptions=0, steps=0)
 
@@ -1203,7 +1205,7 @@ class LLM:
         seq = self.requests.pop(request_id, None)
         if seq is not None and not seq.is_finished:
             self.scheduler.remove(seq)
-            seq.finish_reason = "abort"
+            seq.finish_reason, seq.placeholder = "abort", None  # a token still on the GPU is dropped
 
     def is_finished(self):
         return not self.scheduler.waiting and not self.scheduler.running and self.pending is None
@@ -1223,8 +1225,8 @@ class LLM:
         rows = [seq for seq in batch if seq.num_computed_tokens + seq.num_scheduled_tokens == len(seq)]
         sampled = self.sample(rows, logits) if rows else None
         done += self.resolve()  # step N's ids: queued for the host before step N+1's work
-        in_flight = self.scheduler.postprocess(batch, rows)
-        self.pending = (in_flight, *sampled) if in_flight else None
+        self.pending = (rows, *sampled) if rows else None  # before the placeholders exist, so none is ever lost
+        self.scheduler.postprocess(batch, rows)
         for seq in batch:
             self.stats["cached_prompt_tokens"] += seq.num_cached_tokens
             seq.num_cached_tokens = 0  # counted once per admission
@@ -1253,15 +1255,18 @@ class LLM:
     def resolve(self):  # the previous step's sampled ids reach the host; -> the sequences that got one
         if self.pending is None:
             return []
-        seqs, _, host, copied = self.pending
+        rows, _, host, copied = self.pending
         if copied is not None:
-            copied.synchronize()  # the one wait for the GPU per step (Ctrl-C here loses nothing: it stays pending)
-        tokens, self.pending = host.tolist(), None
-        for seq in seqs:
-            self.scheduler.finish(seq, tokens[-1 - seq.placeholder])
-            if seq.is_finished:
-                self.requests.pop(seq.request_id, None)
-        return seqs
+            copied.synchronize()  # the one wait for the GPU per step
+        tokens, done = host.tolist(), []
+        for seq in rows:  # the rows that got a placeholder (not those that finished or were aborted meanwhile)
+            if seq.placeholder is not None:
+                self.scheduler.finish(seq, tokens[-1 - seq.placeholder])
+                done.append(seq)
+                if seq.is_finished:
+                    self.requests.pop(seq.request_id, None)
+        self.pending = None  # only now: after a Ctrl-C above, the next resolve() picks up where this one stopped
+        return done
 
     # ---- offline generation and streaming: loops over step()
     def generate(self, prompts, sampling_params=None, use_tqdm=True):

@@ -274,6 +274,10 @@ def test_sample_kernel():
     assert torch.equal(greedy.long(), noisy.argmax(-1))
     hot = nanollm.sample_triton(noisy, torch.full((8,), 100.0, device=DEVICE), seeds[:8], part=16, block=8)
     assert (hot != 5).all()
+    padded = torch.cat([noisy, torch.full((8, 8), float("inf"), device=DEVICE)], 1)[:, :40]  # row stride 48
+    assert padded.stride(0) == 48  # the +inf past each row's end must never be read
+    greedy_padded = nanollm.sample_triton(padded, torch.zeros(8, device=DEVICE), seeds[:8], part=16, block=8)
+    assert torch.equal(greedy_padded, greedy)
 
 
 # ---------------------------------------------------------------- bad input: clear errors, engine unharmed
@@ -327,7 +331,7 @@ def test_bad_requests_change_nothing(checkpoints, hf_models):
 
 def test_placeholder_is_read_on_the_device(checkpoints):
     # A token still on its way to the host is a placeholder, -1 - its row in the previous step's sample; the
-    # runner reads it there. Prefill included: a sequence preempted and readmitted within one schedule() call.
+    # runner reads it there, wherever it stands in the step's inputs (here the last token of a prefill).
     llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
     prompt = random_prompts([20], seed=12)[0]
 
@@ -353,6 +357,38 @@ def test_step_level_api(checkpoints, hf_models):
         for seq in llm.step():
             tokens[seq.request_id].append(seq.token_ids[-1])
     assert [tokens[i] for i in ids] == [hf_greedy(hf_models["gqa2-untied"], p, 12) for p in prompts]
+
+
+def test_abort_and_interrupt_while_a_token_is_in_flight(checkpoints, hf_models):
+    # The host runs a step ahead: a request aborted while its newest token is still on the GPU gets no more
+    # tokens and is not reported again; an interrupt inside resolve() loses nothing for the other requests.
+    llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
+    prompts = random_prompts([5, 9, 7], seed=13)
+    aborted, *others = [llm.requests[llm.add_request(p, GREEDY)] for p in prompts]
+    for _ in range(3):
+        llm.step()
+    assert aborted.placeholder is not None  # its newest token is in flight
+    llm.abort(aborted.request_id)
+    kept = list(aborted.completion_token_ids)
+    finish = llm.scheduler.finish
+    calls = []
+
+    def interrupted_once(seq, token):  # Ctrl-C after the first sequence of a resolve() got its token
+        calls.append(seq)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        finish(seq, token)
+    llm.scheduler.finish = interrupted_once
+    with pytest.raises(KeyboardInterrupt):
+        llm.step()
+    llm.scheduler.finish = finish
+    while not llm.is_finished():
+        assert aborted not in llm.step()
+    assert aborted.completion_token_ids == kept and aborted.finish_reason == "abort" and not llm.requests
+    for seq, prompt in zip(others, prompts[1:]):
+        assert seq.completion_token_ids == hf_greedy(hf_models["gqa2-untied"], prompt, 12)
+        assert seq.finish_reason == "length"
+    assert_all_blocks_free(llm)
 
 
 def test_cli_demo_runs_offline(capsys):
