@@ -584,6 +584,11 @@ def _decode_reduce_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr,
     tl.store(out_ptr + row * HEAD_DIM + dims, out)
 
 
+@functools.cache
+def num_sms(device):  # asked per layer on every eager decode step: looked up once
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale, num_splits=None, out=None):
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -594,7 +599,7 @@ def decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale, num
     block_n = max(16, min(128, (4096 if fp32 else 8192) // head_dim))
     if num_splits is None:  # from shapes only (CUDA-graph safe): about two waves of programs over the
         # SMs, no more splits than the block table holds KV tiles, and at most 32 (the reduce reads them all)
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
+        sms = num_sms(q.device) if q.is_cuda else 132
         max_tiles = cdiv(block_tables.shape[1] * block_size, block_n)
         num_splits = max(1, min(cdiv(2 * sms, batch * num_kv_heads), max_tiles, 32))
     part_m = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
