@@ -246,12 +246,6 @@ def add_rms_norm(x, residual, weight, eps):  # -> (rms_norm(x + residual), x + r
 
 
 @compiled_on_gpu
-def qk_norm_rope(q, k, q_weight, k_weight, eps, positions, cos_sin):  # Qwen3 normalises each head, then RoPE
-    q, k = rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)
-    return apply_rope(q, positions, cos_sin), apply_rope(k, positions, cos_sin)
-
-
-@compiled_on_gpu
 def silu_and_mul(x):  # SwiGLU: x = [gate | up]
     gate, up = x.chunk(2, -1)
     return F.silu(gate) * up
@@ -274,14 +268,16 @@ class Qwen3Attention(nn.Module):
         q_size, kv_size = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
         self.qkv_proj = MergedColumnParallelLinear(cfg.hidden_size, [q_size, kv_size, kv_size], tp)
         self.o_proj = RowParallelLinear(q_size, cfg.hidden_size, tp)
-        # per-head q/k norms: their weights go to qk_norm_rope, which fuses them with RoPE
+        # per-head q/k norms: their weights go to qk_norm_rope_store, which fuses them with RoPE and the cache write
         self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps), RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.k_cache = self.v_cache = torch.tensor([])  # bound to this layer's slices of the engine's cache later
 
-    def forward(self, positions, x, cos_sin, meta):  # this rank's heads: q (N, heads, hd), k and v (N, kv_heads, hd)
-        q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in self.qkv_proj(x).split(self.qkv_proj.rows, -1))
-        q, k = qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, positions, cos_sin)
-        return self.o_proj(paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale).flatten(1))
+    def forward(self, positions, x, cos_sin, meta):  # this rank's heads: q (N, heads, hd) after norm and RoPE
+        qkv = self.qkv_proj(x)
+        write = qk_norm_rope_store if x.is_cuda else qk_norm_rope_store_reference  # Triton or plain torch
+        q = write(qkv, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, positions, cos_sin,
+                  self.k_cache, self.v_cache, meta.slot_mapping)
+        return self.o_proj(paged_attention(q, self.k_cache, self.v_cache, meta, self.scale).flatten(1))
 
 
 class Qwen3MLP(nn.Module):
@@ -379,11 +375,16 @@ class AttnMeta:
     max_seqlen_q: int            # 1 for a decode step
 
 
-def store_kvcache_reference(k, v, k_cache, v_cache, slot_mapping):
+def qk_norm_rope_store_reference(qkv, q_norm, k_norm, eps, positions, cos_sin, k_cache, v_cache, slot_mapping):
+    # qkv (N, (heads + 2 kv_heads) * hd): Qwen3 normalises each q and k head, then RoPE; k and v go to the cache
+    kv_heads, head_dim = k_cache.shape[2:]
+    q, k, v = qkv.unflatten(1, (-1, head_dim)).split([qkv.shape[1] // head_dim - 2 * kv_heads, kv_heads, kv_heads], 1)
+    q, k = (apply_rope(rms_norm(x, weight, eps), positions, cos_sin) for x, weight in ((q, q_norm), (k, k_norm)))
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    k_cache.view(-1, *k.shape[1:])[slots] = k[keep]
-    v_cache.view(-1, *v.shape[1:])[slots] = v[keep]
+    k_cache.view(-1, kv_heads, head_dim)[slots] = k[keep]
+    v_cache.view(-1, kv_heads, head_dim)[slots] = v[keep]
+    return q  # (N, heads, hd)
 
 
 def paged_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale):
@@ -411,31 +412,63 @@ LOG2_E = 1.4426950408889634  # softmax runs in base 2: exp(x) = exp2(x * log2(e)
 
 
 @triton.jit
-def _store_kvcache_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
-                          key_stride, value_stride, ROW_SIZE: tl.constexpr, ROW_PAD: tl.constexpr):
-    # grid: (num_tokens,). A program copies one token's K and V row (kv_heads * head_dim = ROW_SIZE, padded to ROW_PAD)
+def _norm_rope(ptrs, mask, weight_ptr, cos, sin, eps, HALF: tl.constexpr):
+    # (heads, HALF) pointers to the first half of each head -> both halves RMSNormed and rotated, rounded to the
+    # model's dtype where the reference rounds (after the norm, after the weight, after RoPE)
+    x1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+    inv_rms = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
+    dtype = ptrs.dtype.element_ty
+    half = tl.arange(0, HALF)[None, :]
+    w1 = tl.load(weight_ptr + half).to(tl.float32)
+    w2 = tl.load(weight_ptr + HALF + half).to(tl.float32)
+    x1 = (w1 * (x1 * inv_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    x2 = (w2 * (x2 * inv_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    return (x1 * cos - x2 * sin).to(dtype), (x2 * cos + x1 * sin).to(dtype)
+
+
+@triton.jit
+def _qk_norm_rope_store_kernel(qkv_ptr, q_ptr, q_norm_ptr, k_norm_ptr, cos_sin_ptr, positions_ptr, slot_mapping_ptr,
+                               k_cache_ptr, v_cache_ptr, eps, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+                               HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+    # grid: (num_tokens,). A program reads one token's row of qkv, [q heads | k heads | v heads] x head_dim, and
+    # writes q normalised and rotated to q_ptr (N, heads, head_dim), k likewise and v as it is to the token's slot
     token = tl.program_id(0).to(tl.int64)
+    HALF: tl.constexpr = HEAD_DIM // 2
+    half = tl.arange(0, HALF)[None, :]
+    pos = tl.load(positions_ptr + token)
+    cos = tl.load(cos_sin_ptr + pos * HEAD_DIM + half)
+    sin = tl.load(cos_sin_ptr + pos * HEAD_DIM + HALF + half)
+    row = qkv_ptr + token * (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM
+    heads = tl.arange(0, HEADS_PAD)[:, None]
+    q1, q2 = _norm_rope(row + heads * HEAD_DIM + half, heads < NUM_HEADS, q_norm_ptr, cos, sin, eps, HALF)
+    q_out = q_ptr + (token * NUM_HEADS + heads) * HEAD_DIM + half
+    tl.store(q_out, q1, mask=heads < NUM_HEADS)
+    tl.store(q_out + HALF, q2, mask=heads < NUM_HEADS)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
-    if slot < 0:  # slot -1 marks a padding token: write nothing
-        return
-    offs = tl.arange(0, ROW_PAD)
-    mask = offs < ROW_SIZE
-    key = tl.load(key_ptr + token * key_stride + offs, mask=mask)
-    value = tl.load(value_ptr + token * value_stride + offs, mask=mask)
-    tl.store(k_cache_ptr + slot * ROW_SIZE + offs, key, mask=mask)
-    tl.store(v_cache_ptr + slot * ROW_SIZE + offs, value, mask=mask)
+    if slot >= 0:  # slot -1 marks a padding token: nothing to store
+        kv_heads = tl.arange(0, KV_HEADS_PAD)[:, None]
+        valid = kv_heads < NUM_KV_HEADS
+        k1, k2 = _norm_rope(row + (NUM_HEADS + kv_heads) * HEAD_DIM + half, valid, k_norm_ptr, cos, sin, eps, HALF)
+        cache = (slot * NUM_KV_HEADS + kv_heads) * HEAD_DIM
+        tl.store(k_cache_ptr + cache + half, k1, mask=valid)
+        tl.store(k_cache_ptr + cache + HALF + half, k2, mask=valid)
+        dims = tl.arange(0, HEAD_DIM)[None, :]
+        v = tl.load(row + (NUM_HEADS + NUM_KV_HEADS + kv_heads) * HEAD_DIM + dims, mask=valid)
+        tl.store(v_cache_ptr + cache + dims, v, mask=valid)
 
 
-def store_kvcache(key, value, k_cache, v_cache, slot_mapping):
-    num_tokens, num_kv_heads, head_dim = key.shape
-    row_size = num_kv_heads * head_dim
-    # rows may be strided (slices of a packed qkv tensor), but each row must be contiguous
-    assert key.stride(2) == value.stride(2) == 1 and key.stride(1) == value.stride(1) == head_dim
-    assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.stride(1) == row_size
-    if num_tokens == 0:
-        return
-    _store_kvcache_kernel[(num_tokens,)](key, value, k_cache, v_cache, slot_mapping, key.stride(0), value.stride(0),
-                                         ROW_SIZE=row_size, ROW_PAD=triton.next_power_of_2(row_size))
+def qk_norm_rope_store(qkv, q_norm, k_norm, eps, positions, cos_sin, k_cache, v_cache, slot_mapping):
+    num_tokens, (num_kv_heads, head_dim) = qkv.shape[0], k_cache.shape[2:]
+    num_heads = qkv.shape[1] // head_dim - 2 * num_kv_heads
+    assert qkv.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()
+    q = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    if num_tokens:
+        _qk_norm_rope_store_kernel[(num_tokens,)](
+            qkv, q, q_norm, k_norm, cos_sin, positions, slot_mapping, k_cache, v_cache, eps,
+            NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_heads),
+            KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim)
+    return q
 
 
 @triton.jit
@@ -617,14 +650,12 @@ def decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale, num
     return out
 
 
-def paged_attention(q, k, v, k_cache, v_cache, meta, scale):  # q (N, heads, hd), k and v (N, kv_heads, hd) -> like q
+def paged_attention(q, k_cache, v_cache, meta, scale):  # q (N, heads, hd) -> like q; new keys/values already cached
     if q.is_cuda:  # the fast path: Triton kernels
-        store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.max_seqlen_q == 1:
             return decode_attention(q, k_cache, v_cache, meta.context_lens, meta.block_tables, scale)
         return prefill_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens, meta.block_tables,
                                  scale, meta.max_seqlen_q)
-    store_kvcache_reference(k, v, k_cache, v_cache, meta.slot_mapping)
     return paged_attention_reference(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens,
                                      meta.block_tables, scale)
 
@@ -863,17 +894,22 @@ def _sample_kernel(logits_ptr, temperature_ptr, seed_ptr, best_ptr, best_index_p
     # program (row, part) runs the race over entries [part * PART, (part + 1) * PART) of its row's vocabulary
     row, part = tl.program_id(0), tl.program_id(1)
     temperature, seed = tl.load(temperature_ptr + row), tl.load(seed_ptr + row)
-    best = tl.full([BLOCK], float("-inf"), tl.float32)  # per lane: the best score so far and its index
-    best_index = tl.zeros([BLOCK], tl.int32)
+    QUARTER: tl.constexpr = BLOCK // 4
+    best = tl.full([QUARTER], float("-inf"), tl.float32)  # per lane: the best score so far and its index
+    best_index = tl.zeros([QUARTER], tl.int32)
     row_ptr = logits_ptr + row.to(tl.int64) * row_stride  # int64: rows x vocab passes 2^31 at ~14K rows
     for start in range(part * PART, (part + 1) * PART, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        logit = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
-        # the reference's race times log2(e), less a constant: the same argmax, on the cheaper base-2 logs
-        race = logit * (1.4426950408889634 / tl.maximum(temperature, 1e-6)) - tl.log2(-tl.log2(tl.rand(seed, cols)))
-        score = tl.where(temperature > 0, race, logit)
-        better = score > best
-        best, best_index = tl.where(better, score, best), tl.where(better, cols, best_index)
+        # one Philox call gives four random words: for columns start + i, + QUARTER, + 2 QUARTER, + 3 QUARTER
+        randoms = tl.randint4x(seed, start // 4 + tl.arange(0, QUARTER))
+        for j in tl.static_range(4):
+            cols = start + j * QUARTER + tl.arange(0, QUARTER)
+            logit = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+            uniform = tl.random.uint_to_uniform_float(randoms[j])  # in [0, 1)
+            # the reference's race times log2(e), less a constant: the same argmax, on the cheaper base-2 logs
+            race = logit * (1.4426950408889634 / tl.maximum(temperature, 1e-6)) - tl.log2(-tl.log2(uniform))
+            score = tl.where(temperature > 0, race, logit)
+            better = score > best  # lanes see their columns in increasing order: ties keep the lowest
+            best, best_index = tl.where(better, score, best), tl.where(better, cols, best_index)
     top = tl.max(best, 0)  # ties go to the lowest index, as in torch.argmax
     tl.store(best_ptr + row * tl.num_programs(1) + part, top)
     tl.store(best_index_ptr + row * tl.num_programs(1) + part, tl.min(tl.where(best == top, best_index, vocab), 0))
