@@ -795,7 +795,10 @@ class Scheduler:
             budget -= self.take(seq, num_tokens, batch)
         if batch:
             return batch, True
-        return self.schedule_running(list(self.running), len(self.running))[0], False  # decode: one token each
+        # decode: one token each, longest context first. The attention kernel's programs start in batch order, so
+        # the long ones start early and the GPU's last wave is short work (measured: README, "where the time goes")
+        batch = self.schedule_running(list(self.running), len(self.running))[0]
+        return sorted(batch, key=len, reverse=True), False
 
     def schedule_running(self, seqs, budget):  # oldest first -> (batch, budget left: 0 once a sequence must wait)
         batch = []
