@@ -273,9 +273,8 @@ class Qwen3Attention(nn.Module):
         self.k_cache = self.v_cache = torch.tensor([])  # bound to this layer's slices of the engine's cache later
 
     def forward(self, positions, x, cos_sin, meta):  # this rank's heads: q (N, heads, hd) after norm and RoPE
-        qkv = self.qkv_proj(x)
         write = qk_norm_rope_store if x.is_cuda else qk_norm_rope_store_reference  # Triton or plain torch
-        q = write(qkv, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, positions, cos_sin,
+        q = write(self.qkv_proj(x), self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, positions, cos_sin,
                   self.k_cache, self.v_cache, meta.slot_mapping)
         return self.o_proj(paged_attention(q, self.k_cache, self.v_cache, meta, self.scale).flatten(1))
 
@@ -538,14 +537,12 @@ def _prefill_attention_kernel(
 
 
 def prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q, out=None):
-    _, num_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, _ = k_cache.shape
+    (_, num_heads, head_dim), (_, block_size, num_kv_heads, _) = q.shape, k_cache.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous() and out.is_contiguous()
-    fp32 = q.dtype == torch.float32
     # fp32 runs its dots on CUDA cores and holds twice the bytes per tile: smaller tiles avoid spills.
     # bf16 on the H100: 64 x 64 tiles and 4 warps ran fastest for prompts of 500-2,000 tokens.
-    block_m, block_n = (32, 32) if fp32 else (64, 64)
+    block_m, block_n = (32, 32) if q.dtype == torch.float32 else (64, 64)
     block_m = 16 if max_seqlen_q <= 16 else block_m  # short chunks (e.g. prefix-cache hits)
     _prefill_attention_kernel[(cdiv(max_seqlen_q, block_m), num_heads, cu_seqlens_q.numel() - 1)](
         q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables,
@@ -623,8 +620,7 @@ def num_sms(device):  # asked per layer on every eager decode step: looked up on
 
 
 def decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale, num_splits=None, out=None):
-    batch, num_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, _ = k_cache.shape
+    (batch, num_heads, head_dim), (_, block_size, num_kv_heads, _) = q.shape, k_cache.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous() and out.is_contiguous()
     group, fp32 = num_heads // num_kv_heads, q.dtype == torch.float32
@@ -635,8 +631,7 @@ def decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale, num
         sms = num_sms(q.device) if q.is_cuda else 132
         max_tiles = cdiv(block_tables.shape[1] * block_size, block_n)
         num_splits = max(1, min(cdiv(2 * sms, batch * num_kv_heads), max_tiles, 32))
-    part_m = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
-    part_l = torch.empty_like(part_m)
+    part_m, part_l = torch.empty((2, batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
     part_acc = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
     _decode_attention_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, part_m, part_l, part_acc, context_lens, block_tables,
