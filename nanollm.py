@@ -801,20 +801,17 @@ class Scheduler:
             if not seq.running:
                 continue  # preempted just now by an older sequence
             num_tokens = min(len(seq) - seq.num_computed_tokens, budget)
-            if budget == 0 or not self.make_room(seq, num_tokens):
+            if budget == 0:
                 return batch, 0
+            while self.block_manager.blocks_needed(seq, num_tokens) > self.block_manager.num_free_blocks:
+                newest = self.running[-1]  # preempted: newer sequences make way for older ones, and last of all seq
+                self.remove(newest)
+                self.waiting.appendleft(newest)
+                self.num_preemptions += 1
+                if newest is seq:  # seq itself must wait
+                    return batch, 0
             budget -= self.take(seq, num_tokens, batch)
         return batch, budget
-
-    def make_room(self, seq, num_tokens):  # -> False if seq itself had to wait
-        while self.block_manager.blocks_needed(seq, num_tokens) > self.block_manager.num_free_blocks:
-            newest = self.running[-1]  # preempted: newer sequences make way for older ones, and last of all seq
-            self.remove(newest)
-            self.waiting.appendleft(newest)
-            self.num_preemptions += 1
-            if newest is seq:
-                return False
-        return True
 
     def take(self, seq, num_tokens, batch):
         self.block_manager.allocate(seq, num_tokens)
@@ -846,8 +843,7 @@ class Scheduler:
     def finish(self, seq, token):  # the sampled id of seq's placeholder reached the host
         seq.token_ids.append(token)
         seq.placeholder = None
-        p = seq.params
-        stop = (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids
+        stop = (not seq.params.ignore_eos and token in self.eos_token_ids) or token in seq.params.stop_token_ids
         if stop or self.at_length_limit(seq):
             seq.finish_reason = "stop" if stop else "length"
             self.remove(seq)
