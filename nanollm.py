@@ -948,15 +948,14 @@ class ModelRunner:
         return getattr(self, method)(*args)
 
     def loop(self):  # ranks 1..N-1: run rank 0's commands until "exit"
-        while True:
+        method = None
+        while method != "exit":
             command = [None]
             dist.broadcast_object_list(command, src=self.tp.first, group=self.tp.control)
             method, args = command[0]
-            if method == "exit":
-                return
             getattr(self, method)(*args)
 
-    def exit(self):  # on rank 0; the other ranks leave loop() on this command
+    def exit(self):  # nothing to do: the other ranks leave loop() after this command
         pass
 
     def rpc(self, fn, args):  # fn(runner, *args) on every rank; rank 0 gets the list of results
@@ -1255,8 +1254,7 @@ class LLM:
         batch, is_prefill = self.scheduler.schedule()
         if not batch:
             return done + self.resolve()
-        previous_ids = self.pending[1] if self.pending else None
-        logits = self.call("run", self.runner.prepare(batch), previous_ids)
+        logits = self.call("run", self.runner.prepare(batch), self.pending[1] if self.pending else None)
         rows = [seq for seq in batch if seq.num_computed_tokens + seq.num_scheduled_tokens == len(seq)]
         sampled = self.sample(rows, logits) if rows else None
         done += self.resolve()  # step N's ids: queued for the host before step N+1's work
@@ -1282,9 +1280,7 @@ class LLM:
         temperature = self.runner.to_device([p.temperature for p in params], torch.float32)
         ids = sample(logits, temperature, self.runner.to_device(seeds), top_k, top_p)
         host = ids.to("cpu", non_blocking=True)  # into pinned memory, without waiting
-        copied = torch.cuda.Event() if ids.is_cuda else None
-        if copied is not None:
-            copied.record()
+        copied = torch.cuda.current_stream().record_event() if ids.is_cuda else None
         return ids, host, copied
 
     def resolve(self):  # the previous step's sampled ids reach the host; -> the sequences that got one
