@@ -142,8 +142,7 @@ class SamplingParams:
 
 
 # -----------------------------------------------------------------------------
-# Model: tensor-parallel linear layers, then Qwen3 built from them
-# Each layer holds this rank's shard; its `weight_loader` cuts that out of a full checkpoint tensor (one rank: all).
+# Model: tensor-parallel linear layers (`weight_loader` cuts this rank's shard from a checkpoint tensor), then Qwen3
 
 @dataclass
 class Parallel:
@@ -154,9 +153,7 @@ class Parallel:
     first: int = 0          # the global rank of the group's rank 0
 
 
-class MergedColumnParallelLinear(nn.Module):
-    # y = x @ W.T for checkpoint matrices stacked in one matmul (q|k|v or gate|up), each with its output rows
-    # split over ranks: this rank holds [its shard of part 0 | its shard of part 1 | ...] and computes that of y
+class MergedColumnParallelLinear(nn.Module):  # W = [this rank's rows of q | of k | of v] (or gate | up): one matmul
     def __init__(self, in_features, out_features, tp):  # out_features: one size per part
         super().__init__()
         self.tp = tp
@@ -221,8 +218,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
 
 def compiled_on_gpu(fn):
-    # torch.compile fuses a function's elementwise ops into one or two kernels, which the decode CUDA graphs
-    # then replay (measured in the README's notes); CPU tensors take the plain function
+    # on CUDA, torch.compile fuses fn's elementwise ops into 1-2 kernels for the CUDA graphs (README's notes); CPU: fn
     compiled = torch.compile(fn, dynamic=True)
     return functools.wraps(fn)(lambda x, *args: compiled(x, *args) if x.is_cuda else fn(x, *args))
 
@@ -320,8 +316,7 @@ class Qwen3Model(nn.Module):
         return self.norm(h, residual)[0]
 
 
-class Qwen3ForCausalLM(nn.Module):
-    # attribute paths equal checkpoint keys; packed parts load through this map (q_proj: part 0 of qkv_proj)
+class Qwen3ForCausalLM(nn.Module):  # module paths = checkpoint keys; packed parts load through this map
     packed = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
               "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
@@ -404,9 +399,8 @@ def paged_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, b
     return out
 
 
-# ---- Triton kernels: the fast path on GPUs. Dots take the model's dtype and accumulate in fp32; fp32 dots
-# are exact ("ieee"). Tiles are upcast to fp32 after loading (UPCAST) only in Triton's CPU interpreter, which
-# the tests use and whose bf16 arithmetic is broken.
+# ---- Triton kernels, the fast path on GPUs: dots take the model's dtype and accumulate in fp32; fp32 dots are exact
+# ("ieee"). UPCAST: tiles go to fp32 after loading only in Triton's CPU interpreter (the tests'), whose bf16 is broken.
 LOG2_E = 1.4426950408889634  # softmax runs in base 2: exp(x) = exp2(x * log2(e))
 
 
@@ -486,8 +480,7 @@ def _load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_ptr, kv_pos, kv_mask, kv
 
 @triton.jit
 def _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale):
-    # q: (M, D), k/v: (N, D), allowed: (M, N) or (1, N). Running row max m_i (M,) and
-    # row sum l_i (M,) are in base-2 units; acc (M, D) is the unnormalised output.
+    # q (M, D), k/v (N, D), allowed (M, N) or (1, N); row max m_i, row sum l_i (M,) in base 2; acc (M, D) unnormalised
     s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
     s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))  # m_i starts at -1e30, so m_new stays finite
@@ -562,8 +555,7 @@ def _decode_attention_kernel(
     # heads form one (GROUP_PAD, HEAD_DIM) tile (padding rows masked): each K/V tile is read once for all.
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
-    # deal the sequence's KV tiles out evenly; trailing splits may get none and then write l = 0
-    num_tiles = tl.cdiv(context_len, BLOCK_N)
+    num_tiles = tl.cdiv(context_len, BLOCK_N)  # dealt out evenly: trailing splits may get none (and write l = 0)
     tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
     tile_start = split * tiles_per_split
     tile_end = tl.minimum(tile_start + tiles_per_split, num_tiles)
@@ -598,8 +590,7 @@ def _decode_attention_kernel(
 @triton.jit
 def _decode_reduce_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr,
                           NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
-    # grid: (batch * num_heads,). Merges one row's partial softmaxes, a (SPLITS_PAD, HEAD_DIM) tile.
-    row = tl.program_id(0)
+    row = tl.program_id(0)  # grid: (batch * num_heads,): merges a row's split softmaxes, a (SPLITS_PAD, HEAD_DIM) tile
     splits = tl.arange(0, SPLITS_PAD)
     split_mask = splits < NUM_SPLITS
     dims = tl.arange(0, HEAD_DIM)
@@ -608,8 +599,7 @@ def _decode_reduce_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr,
     acc = tl.load(part_acc_ptr + (row * NUM_SPLITS + splits)[:, None] * HEAD_DIM + dims[None, :],
                   mask=split_mask[:, None], other=0.0)
     weight = tl.exp2(m - tl.max(m, axis=0))  # bring every split to the common max
-    total = tl.sum(l * weight, axis=0)
-    # context_len == 0 (padding row): every split is empty, acc is 0 and so is the output
+    total = tl.sum(l * weight, axis=0)  # 0 for a padding row (context_len 0, every split empty): so is the output
     out = tl.sum(acc * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + row * HEAD_DIM + dims, out)
 
@@ -712,8 +702,7 @@ class BlockManager:
         return max(0, cdiv(seq.num_computed_tokens + num_tokens, self.block_size) - len(seq.block_table))
 
     def claim_cached_prefix(self, seq):
-        # Take the longest run of published blocks matching the sequence's first full blocks, leaving at
-        # least the last token to compute (its logits give the next token).
+        # the longest published run of seq's first full blocks, short of its last token (its logits give the next one)
         assert not seq.block_table
         parent = -1
         for i in range((len(seq) - 1) // self.block_size if self.enable_prefix_caching else 0):
@@ -885,8 +874,7 @@ def sample_reference(logits, temperature, seeds):
 @triton.jit
 def _sample_kernel(logits_ptr, temperature_ptr, seed_ptr, best_ptr, best_index_ptr, vocab, row_stride,
                    PART: tl.constexpr, BLOCK: tl.constexpr):
-    # program (row, part) runs the race over entries [part * PART, (part + 1) * PART) of its row's vocabulary
-    row, part = tl.program_id(0), tl.program_id(1)
+    row, part = tl.program_id(0), tl.program_id(1)  # the race over columns [part * PART, (part + 1) * PART) of row
     temperature, seed = tl.load(temperature_ptr + row), tl.load(seed_ptr + row)
     QUARTER: tl.constexpr = BLOCK // 4
     best = tl.full([QUARTER], float("-inf"), tl.float32)  # per lane: the best score so far and its index
@@ -1029,9 +1017,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, step, sampled=None):  # -> (rows, vocab) logits on the group's first rank, None on the others
-        # one host-to-device copy for all the step's int32 inputs, then views of it. Nothing may compile mid-run:
-        # Triton compiles a kernel per pointer alignment, so each view is 16-byte aligned, and torch.compile
-        # guards on the storage offset of `positions`, so that view comes first.
+        # one host-to-device copy of all int32 inputs, then views. Nothing may compile mid-run: Triton specialises on
+        # pointer alignment, so views are 16-byte aligned; torch.compile guards on `positions`' offset: it goes first.
         names = ["positions", "input_ids", "slot_mapping", "cu_seqlens_q", "context_lens", "logits_rows"]
         width = max(map(len, step["block_tables"]))
         parts = [step[name] for name in names] + [[b for t in step["block_tables"] for b in t + [0] * (width - len(t))]]
@@ -1245,10 +1232,9 @@ class LLM:
         return not self.scheduler.waiting and not self.scheduler.running and self.pending is None
 
     # ---- one step of the engine: schedule, run the model, sample, update the sequences
-    # The host works one step ahead of the GPU: step N+1 is scheduled and launched before step N's sampled
-    # ids are read back, so the GPU never waits for Python. Until then each new token is a placeholder,
-    # -1 - its row in step N's sample, which run() swaps for the real id on the device. The model on other
-    # tensor-parallel ranks has no sample to read from, so with TP each step's ids are read back first.
+    # The host runs one step ahead of the GPU: step N+1 is launched before step N's sampled ids are read back, so the
+    # GPU never waits for Python. Until then a new token is a placeholder, -1 - its row in step N's sample, which run()
+    # swaps for the id on the device. Other tensor-parallel ranks have no sample to read, so with TP ids are read first.
     def step(self):  # -> the sequences whose new token reached the host (finished ones included)
         done = self.resolve() if self.config.tensor_parallel_size > 1 else []
         batch, is_prefill = self.scheduler.schedule()
@@ -1316,8 +1302,7 @@ class LLM:
         return dict(text=self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True),
                     token_ids=seq.completion_token_ids, finish_reason=seq.finish_reason)
 
-    def run(self, seqs, use_tqdm=True, on_finish=None):
-        # step until all of seqs finish, showing done/total and the latest prefill and decode rates
+    def run(self, seqs, use_tqdm=True, on_finish=None):  # steps until seqs finish; bar: done/total, latest tok/s
         from tqdm.auto import tqdm
         bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
         mine, rates, num_finished = {seq.request_id for seq in seqs}, {}, 0
@@ -1340,8 +1325,7 @@ class LLM:
             for seq in seqs:  # after an interruption: drop what is left, the engine stays usable
                 self.abort(seq.request_id)
 
-    def stream(self, prompt, sampling_params=None):
-        # yields text increments as tokens are decoded; other streams and generate() share the step loop
+    def stream(self, prompt, sampling_params=None):  # yields text pieces; other streams and generate() share the steps
         seq = self.requests[self.add_request(prompt, sampling_params)]
 
         def pieces():
@@ -1462,8 +1446,7 @@ def chat(llm, params, read=input):
 
 
 # -----------------------------------------------------------------------------
-# main(): the command line. Under torchrun, the world splits into data-parallel groups of
-# tensor_parallel_size ranks; each group's first rank runs an engine on its share of the prompts.
+# main(): the command line; under torchrun, data-parallel groups of tensor_parallel_size ranks split the prompts
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="nanollm: offline generation with a Qwen3 checkpoint")
