@@ -156,8 +156,7 @@ class Parallel:
 class MergedColumnParallelLinear(nn.Module):  # W = [this rank's rows of q | of k | of v] (or gate | up): one matmul
     def __init__(self, in_features, out_features, tp):  # out_features: one size per part
         super().__init__()
-        self.tp = tp
-        self.rows = [n // tp.size for n in out_features]
+        self.tp, self.rows = tp, [n // tp.size for n in out_features]
         self.weight = nn.Parameter(torch.empty(sum(self.rows), in_features), requires_grad=False)
 
     def weight_loader(self, param, loaded, part):
@@ -188,8 +187,7 @@ class RowParallelLinear(nn.Module):  # y = x @ W.T, W's input columns split: eac
 class VocabParallelEmbedding(nn.Module):  # a contiguous slice of the vocabulary per rank (padded to a TP-size multiple)
     def __init__(self, vocab_size, hidden_size, tp):
         super().__init__()
-        self.tp, self.vocab_size = tp, vocab_size
-        self.rows = cdiv(vocab_size, tp.size)
+        self.tp, self.vocab_size, self.rows = tp, vocab_size, cdiv(vocab_size, tp.size)
         self.start = tp.rank * self.rows
         self.weight = nn.Parameter(torch.zeros(self.rows, hidden_size), requires_grad=False)
 
@@ -250,8 +248,7 @@ def silu_and_mul(x):  # SwiGLU: x = [gate | up]
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim), requires_grad=False)
 
     def forward(self, x, residual=None):  # the residual stream: -> (normalised, x + residual)
         return add_rms_norm(x, residual, self.weight, self.eps)
@@ -288,10 +285,8 @@ class Qwen3MLP(nn.Module):
 class Qwen3DecoderLayer(nn.Module):
     def __init__(self, cfg, tp):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Qwen3Attention(cfg, tp)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = Qwen3MLP(cfg, tp)
+        self.input_layernorm, self.self_attn = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps), Qwen3Attention(cfg, tp)
+        self.post_attention_layernorm, self.mlp = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps), Qwen3MLP(cfg, tp)
 
     def forward(self, positions, h, residual, cos_sin, meta):  # the residual is added inside the norms
         h, residual = self.input_layernorm(h, residual)
@@ -322,8 +317,7 @@ class Qwen3ForCausalLM(nn.Module):  # module paths = checkpoint keys; packed par
 
     def __init__(self, cfg, tp):
         super().__init__()
-        self.model = Qwen3Model(cfg, tp)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
+        self.model, self.lm_head = Qwen3Model(cfg, tp), ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -383,8 +377,7 @@ def qk_norm_rope_store_reference(qkv, q_norm, k_norm, eps, positions, cos_sin, k
 
 def paged_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale):
     # plain torch, one sequence at a time, in fp32: the definition the Triton kernels are held to
-    out = torch.empty_like(q)
-    block_size, group = k_cache.shape[1], q.shape[1] // k_cache.shape[2]
+    out, block_size, group = torch.empty_like(q), k_cache.shape[1], q.shape[1] // k_cache.shape[2]
     cu, lens = cu_seqlens_q.tolist(), context_lens.tolist()
     for i, ctx in enumerate(lens):
         qi = q[cu[i]:cu[i + 1]].float()                                  # (n, heads, head_dim)
@@ -756,8 +749,7 @@ class BlockManager:
 
 class Scheduler:
     def __init__(self, config, block_manager, eos_token_ids):
-        self.config, self.block_manager = config, block_manager
-        self.eos_token_ids = set(eos_token_ids)
+        self.config, self.block_manager, self.eos_token_ids = config, block_manager, set(eos_token_ids)
         self.waiting = deque()   # not admitted, or preempted (at the front)
         self.running = []        # admitted, oldest first
         self.num_preemptions = 0
@@ -1093,8 +1085,7 @@ def init_workers(config):
 def init_parallel(device, tp_size, rank, init_method=None, world_size=None, local_rank=None):
     # Joins the world (spawned here: tp_size ranks meeting at init_method; torchrun: world_size ranks through
     # its env:// rendezvous) and returns this rank's tensor-parallel group: a run of tp_size consecutive ranks.
-    world_size = world_size or tp_size
-    backend = "nccl" if device == "cuda" else "gloo"
+    world_size, backend = world_size or tp_size, "nccl" if device == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(rank if local_rank is None else local_rank)
     dist.init_process_group(backend, init_method=init_method, world_size=world_size, rank=rank)
