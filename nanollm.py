@@ -809,8 +809,7 @@ class Scheduler:
             self.waiting.remove(seq)
 
     def postprocess(self, batch, rows):
-        # rows: the sequences whose scheduled tokens reached their end, in the order of the step's sampled ids.
-        # Each one still running gets a placeholder for its new token, which finish() replaces
+        # rows: the sequences sampled, row by row; each one still running gets a placeholder that finish() replaces
         for seq in batch:
             if seq.running:  # not finished while the step ran
                 seq.num_computed_tokens += seq.num_scheduled_tokens
@@ -956,8 +955,7 @@ class ModelRunner:
     def measure_kv_cache_blocks(self):
         if self.device.type == "cpu":  # a fixed budget: the CPU path is for learning and tests
             return max(1, (1 << 30) // self.block_bytes)  # 1 GiB
-        # warm up with the largest prefill and the largest sampled batch, then give the KV cache what is
-        # left of gpu_memory_utilization after the weights, other processes and that activation peak
+        # the KV cache gets gpu_memory_utilization less the weights, other processes and the peak of the largest step
         cfg, bs = self.config, self.block_size
         n, rest = divmod(cfg.max_num_batched_tokens, cfg.max_model_len)
         seqs = [Sequence(-1, [0] * m, None) for m in [cfg.max_model_len] * n + ([rest] if rest else [])]
