@@ -170,12 +170,10 @@ class MergedColumnParallelLinear(nn.Module):  # W = [this rank's rows of q | of 
 class RowParallelLinear(nn.Module):  # y = x @ W.T, W's input columns split: each rank's partial sum is all-reduced
     def __init__(self, in_features, out_features, tp):
         super().__init__()
-        self.tp = tp
-        self.weight = nn.Parameter(torch.empty(out_features, in_features // tp.size), requires_grad=False)
+        self.tp, self.weight = tp, nn.Parameter(torch.empty(out_features, in_features // tp.size), requires_grad=False)
 
     def weight_loader(self, param, loaded):
-        cols = param.shape[1]
-        param.data.copy_(loaded.narrow(1, self.tp.rank * cols, cols))
+        param.data.copy_(loaded.narrow(1, self.tp.rank * param.shape[1], param.shape[1]))  # this rank's columns
 
     def forward(self, x):
         y = F.linear(x, self.weight)
@@ -619,9 +617,8 @@ def decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale, num
     _decode_attention_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, part_m, part_l, part_acc, context_lens, block_tables,
         scale * LOG2_E, q.stride(0), q.stride(1), block_tables.stride(0),
-        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, GROUP=group,
-        GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, NUM_SPLITS=num_splits,
-        UPCAST=not q.is_cuda, num_warps=4)
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, GROUP=group, UPCAST=not q.is_cuda,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, NUM_SPLITS=num_splits, num_warps=4)
     if num_splits > 1:  # one split writes the output itself
         _decode_reduce_kernel[(batch * num_heads,)](part_m, part_l, part_acc, out, NUM_SPLITS=num_splits,
                                                     SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim)
@@ -1017,9 +1014,8 @@ class ModelRunner:
             [n for part in parts for n in (len(part), -len(part) % 4)])[::2]
         if sampled is not None:  # input -1 - row: that row of the previous step's sampled ids, still on the GPU
             input_ids = torch.where(input_ids < 0, sampled[(-1 - input_ids).clamp(min=0)].int(), input_ids)
-        cu = step["cu_seqlens_q"]
         meta = AttnMeta(slots, cu_seqlens_q, context_lens, tables.view(-1, width),
-                        max_seqlen_q=max(b - a for a, b in zip(cu, cu[1:])))
+                        max_seqlen_q=max(b - a for a, b in itertools.pairwise(step["cu_seqlens_q"])))
         graphed = meta.max_seqlen_q == 1 and len(input_ids) <= self.max_graph_batch
         hidden = (self.replay if graphed else self.model)(input_ids, positions, meta)
         return self.model.lm_head(hidden[rows])
@@ -1202,14 +1198,13 @@ class LLM:
         return Sequence(next(self.request_ids), token_ids, params)
 
     def add_request(self, prompt, sampling_params=None):
-        seq = self.make_sequence(prompt, sampling_params or SamplingParams())
-        self.enqueue(seq)
-        return seq.request_id
+        return self.enqueue(self.make_sequence(prompt, sampling_params or SamplingParams()))
 
-    def enqueue(self, seq):
+    def enqueue(self, seq):  # -> its request id
         self.requests[seq.request_id] = seq
         self.scheduler.waiting.append(seq)
         self.stats["prompt_tokens"] += seq.num_prompt_tokens
+        return seq.request_id
 
     def abort(self, request_id):
         seq = self.requests.pop(request_id, None)
