@@ -885,7 +885,7 @@ def _sample_kernel(logits_ptr, temperature_ptr, seed_ptr, best_ptr, best_index_p
     tl.store(best_index_ptr + row * tl.num_programs(1) + part, tl.min(tl.where(best == top, best_index, vocab), 0))
 
 
-def sample_triton(logits, temperature, seeds, part=8192, block=1024):
+def sample_triton(logits, temperature, seeds, part=8192, block=2048):
     rows, vocab = logits.shape
     parts = cdiv(vocab, part)  # the row is split so that even one row fills the GPU
     best = torch.empty(rows, parts, device=logits.device)

@@ -543,7 +543,7 @@ HOPPER_LAUNCHES = [  # each kernel with the compile-time constants the engine gi
     *[(nanollm._decode_attention_kernel, dict(NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_SIZE=256, GROUP=2, GROUP_PAD=16,
                                               BLOCK_N=64, NUM_SPLITS=splits, UPCAST=False)) for splits in (1, 8)],
     (nanollm._decode_reduce_kernel, dict(NUM_SPLITS=8, SPLITS_PAD=8, HEAD_DIM=128)),
-    (nanollm._sample_kernel, dict(PART=8192, BLOCK=1024)),
+    (nanollm._sample_kernel, dict(PART=8192, BLOCK=2048)),
 ]
 
 
