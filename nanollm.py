@@ -224,6 +224,12 @@ def rms_norm(x, weight, eps):  # normalise in fp32 like the reference, scale in 
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+def rope_table(head_dim, max_position, theta):  # -> cos_sin (max_position, head_dim) fp32: [cos | sin] per position
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)
+    freqs = torch.outer(torch.arange(max_position, dtype=torch.float), inv_freq)
+    return torch.cat([freqs.cos(), freqs.sin()], -1)
+
+
 def apply_rope(x, positions, cos_sin):  # x: (N, heads, head_dim); cos_sin: (max_position, head_dim) fp32
     cos, sin = cos_sin[positions].unsqueeze(1).chunk(2, -1)  # rotate-half RoPE
     x1, x2 = x.float().chunk(2, -1)
@@ -298,9 +304,8 @@ class Qwen3Model(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg, tp) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float) / cfg.head_dim)
-        freqs = torch.outer(torch.arange(cfg.max_position_embeddings, dtype=torch.float), inv_freq)
-        self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], -1), persistent=False)  # RoPE table
+        cos_sin = rope_table(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
+        self.register_buffer("cos_sin", cos_sin, persistent=False)
 
     def forward(self, input_ids, positions, meta):
         h, residual = self.embed_tokens(input_ids), None

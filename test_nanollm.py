@@ -522,8 +522,7 @@ def test_qk_norm_rope_store(dtype, num_heads, num_kv_heads, head_dim):  # 6 and 
     qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, dtype=dtype, device=DEVICE)
     q_norm, k_norm = (1 + torch.randn(head_dim, dtype=dtype, device=DEVICE) / 4 for _ in range(2))
     positions = torch.randint(0, 4096, (num_tokens,), dtype=torch.int32, device=DEVICE)
-    freqs = torch.outer(torch.arange(4096.0), 1e6 ** -(torch.arange(0, head_dim, 2) / head_dim))
-    cos_sin = torch.cat([freqs.cos(), freqs.sin()], -1).to(DEVICE)
+    cos_sin = nanollm.rope_table(head_dim, 4096, 1e6).to(DEVICE)
     slot_mapping = torch.randperm(8 * 16)[:num_tokens].to(torch.int32)
     slot_mapping[::5] = -1  # CUDA-graph padding rows
     slot_mapping = slot_mapping.to(DEVICE)
