@@ -48,6 +48,7 @@ from torch import nn
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 def cdiv(a, b):  # ceiling division; triton.cdiv gives the same but costs microseconds a call, too slow per sequence
@@ -163,8 +164,8 @@ class MergedColumnParallelLinear(nn.Module):  # W = [this rank's rows of q | of 
         start, rows = sum(self.rows[:part]), self.rows[part]
         param.data[start:start + rows].copy_(loaded.narrow(0, self.tp.rank * rows, rows))
 
-    def forward(self, x):
-        return F.linear(x, self.weight)
+    def forward(self, x, norm=None, residual=None):  # a norm: -> (self(norm(x, residual)), x + residual)
+        return linear(x, self.weight, norm, residual)
 
 
 class RowParallelLinear(nn.Module):  # y = x @ W.T, W's input columns split: each rank's partial sum is all-reduced
@@ -175,8 +176,8 @@ class RowParallelLinear(nn.Module):  # y = x @ W.T, W's input columns split: eac
     def weight_loader(self, param, loaded):
         param.data.copy_(loaded.narrow(1, self.tp.rank * param.shape[1], param.shape[1]))  # this rank's columns
 
-    def forward(self, x):
-        y = F.linear(x, self.weight)
+    def forward(self, x, swiglu=False):  # swiglu: x = [gate | up], multiplied after SwiGLU
+        y = linear(x, self.weight, swiglu=swiglu)
         if self.tp.size > 1:
             dist.all_reduce(y, group=self.tp.group)
         return y
@@ -249,6 +250,71 @@ def silu_and_mul(x):  # SwiGLU: x = [gate | up]
     return F.silu(gate) * up
 
 
+@functools.cache
+def pdl(device):
+    # Programmatic dependent launch (Hopper on): a kernel launched with it may start while the one before it ends.
+    # Such a kernel calls gdc_launch_dependents() to let the next one start, and gdc_wait() before it reads or writes
+    # anything that earlier kernels write; only weights and per-step constants may be read before.
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, residual_ptr, summed_ptr, norm_ptr, eps, N, K,
+                 PROLOGUE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    # one row: out (N,) = f(x) @ W.T with W (N, K); a program computes BLOCK_N outputs and reads its rows of W once.
+    # f is folded in, so it costs no kernel of its own: "none"; "swiglu", x = [gate | up] (2K wide); "norm",
+    # RMSNorm of x (one tile, BLOCK_K >= K); "add_norm", of x + residual, which program 0 writes to summed.
+    # Every f rounds to the model's dtype where its reference does.
+    pid = tl.program_id(0)
+    dtype = w_ptr.dtype.element_ty
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    if PDL:
+        gdc_launch_dependents()
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=(cols[:, None] < N) & (ks[None, :] < K), other=0.0)
+        if PDL and k0 == 0:  # the first weights are on their way while the kernel before finishes
+            gdc_wait()
+        x = tl.load(x_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
+        if PROLOGUE == "swiglu":
+            up = tl.load(x_ptr + K + ks, mask=ks < K, other=0.0).to(tl.float32)
+            x = ((x / (1 + tl.exp(-x))).to(dtype).to(tl.float32) * up).to(dtype).to(tl.float32)
+        if PROLOGUE == "add_norm":
+            x = (x + tl.load(residual_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)).to(dtype)
+            if pid == 0:
+                tl.store(summed_ptr + ks, x, mask=ks < K)
+            x = x.to(tl.float32)
+        if PROLOGUE == "norm" or PROLOGUE == "add_norm":
+            x = (x * tl.rsqrt(tl.sum(x * x, 0) / K + eps)).to(dtype).to(tl.float32)
+            x = (tl.load(norm_ptr + ks, mask=ks < K, other=0.0).to(tl.float32) * x).to(dtype).to(tl.float32)
+        acc += w.to(tl.float32) * x[None, :]
+    tl.store(out_ptr + cols, tl.sum(acc, 1).to(dtype), mask=cols < N)
+
+
+def gemv(x, weight, norm=None, residual=None, swiglu=False, block_n=2):  # x (1, K or 2K): see linear()
+    (N, K), summed = weight.shape, torch.empty_like(x) if residual is not None else x
+    out = torch.empty(1, N, dtype=x.dtype, device=x.device)
+    prologue = "swiglu" if swiglu else "none" if norm is None else "norm" if residual is None else "add_norm"
+    _gemv_kernel[(cdiv(N, block_n),)](
+        x, weight, out, residual, summed, None if norm is None else norm.weight, norm.eps if norm else 0.0, N, K,
+        PROLOGUE=prologue, BLOCK_N=block_n, PDL=pdl(x.device), launch_pdl=pdl(x.device),
+        BLOCK_K=triton.next_power_of_2(K) if norm else min(1024, triton.next_power_of_2(K)))
+    return out if norm is None else (out, summed)
+
+
+def linear(x, weight, norm=None, residual=None, swiglu=False):
+    # y = f(x) @ W.T, f: RMSNorm of x + residual (-> (y, x + residual)), SwiGLU of x = [gate | up], or nothing.
+    # One row on a GPU (a single sequence decoding) is one Triton GEMV with f folded in: at one row a projection
+    # costs its launch latency more than its bytes, so the kernels saved are the time saved
+    if x.is_cuda and x.shape[0] == 1:
+        return gemv(x, weight, norm, residual, swiglu)
+    if norm is not None:
+        x, residual = norm(x, residual)
+        return F.linear(x, weight), residual
+    return F.linear(silu_and_mul(x) if swiglu else x, weight)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -269,11 +335,12 @@ class Qwen3Attention(nn.Module):
         self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps), RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.k_cache = self.v_cache = torch.tensor([])  # bound to this layer's slices of the engine's cache later
 
-    def forward(self, positions, x, cos_sin, meta):  # this rank's heads: q (N, heads, hd) after norm and RoPE
+    def forward(self, positions, x, residual, norm, cos_sin, meta):  # -> (output, x + residual); q is this rank's
+        qkv, residual = self.qkv_proj(x, norm, residual)  # heads, (N, heads, hd) after the q/k norms and RoPE
         write = qk_norm_rope_store if x.is_cuda else qk_norm_rope_store_reference  # Triton or plain torch
-        q = write(self.qkv_proj(x), self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, positions, cos_sin,
+        q = write(qkv, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, positions, cos_sin,
                   self.k_cache, self.v_cache, meta.slot_mapping)
-        return self.o_proj(paged_attention(q, self.k_cache, self.v_cache, meta, self.scale).flatten(1))
+        return self.o_proj(paged_attention(q, self.k_cache, self.v_cache, meta, self.scale).flatten(1)), residual
 
 
 class Qwen3MLP(nn.Module):
@@ -282,8 +349,9 @@ class Qwen3MLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, tp)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, tp)
 
-    def forward(self, x):
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x, residual, norm):  # -> (output, x + residual)
+        gate_up, residual = self.gate_up_proj(x, norm, residual)
+        return self.down_proj(gate_up, swiglu=True), residual
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -292,10 +360,9 @@ class Qwen3DecoderLayer(nn.Module):
         self.input_layernorm, self.self_attn = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps), Qwen3Attention(cfg, tp)
         self.post_attention_layernorm, self.mlp = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps), Qwen3MLP(cfg, tp)
 
-    def forward(self, positions, h, residual, cos_sin, meta):  # the residual is added inside the norms
-        h, residual = self.input_layernorm(h, residual)
-        h, residual = self.post_attention_layernorm(self.self_attn(positions, h, cos_sin, meta), residual)
-        return self.mlp(h), residual
+    def forward(self, positions, h, residual, cos_sin, meta):  # each norm is applied (residual added) by the
+        h, residual = self.self_attn(positions, h, residual, self.input_layernorm, cos_sin, meta)  # projection after it
+        return self.mlp(h, residual, self.post_attention_layernorm)
 
 
 class Qwen3Model(nn.Module):
@@ -419,7 +486,8 @@ def _norm_rope(ptrs, mask, weight_ptr, cos, sin, eps, HALF: tl.constexpr):
 @triton.jit
 def _qk_norm_rope_store_kernel(qkv_ptr, q_ptr, q_norm_ptr, k_norm_ptr, cos_sin_ptr, positions_ptr, slot_mapping_ptr,
                                k_cache_ptr, v_cache_ptr, eps, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
-                               HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+                               HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                               PDL: tl.constexpr):
     # grid: (num_tokens,). A program reads one token's row of qkv, [q heads | k heads | v heads] x head_dim, and
     # writes q normalised and rotated to q_ptr (N, heads, head_dim), k likewise and v as it is to the token's slot
     token = tl.program_id(0).to(tl.int64)
@@ -428,6 +496,9 @@ def _qk_norm_rope_store_kernel(qkv_ptr, q_ptr, q_norm_ptr, k_norm_ptr, cos_sin_p
     pos = tl.load(positions_ptr + token)
     cos = tl.load(cos_sin_ptr + pos * HEAD_DIM + half)
     sin = tl.load(cos_sin_ptr + pos * HEAD_DIM + HALF + half)
+    if PDL:  # see pdl()
+        gdc_launch_dependents()
+        gdc_wait()
     row = qkv_ptr + token * (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM
     heads = tl.arange(0, HEADS_PAD)[:, None]
     q1, q2 = _norm_rope(row + heads * HEAD_DIM + half, heads < NUM_HEADS, q_norm_ptr, cos, sin, eps, HALF)
@@ -456,7 +527,8 @@ def qk_norm_rope_store(qkv, q_norm, k_norm, eps, positions, cos_sin, k_cache, v_
         _qk_norm_rope_store_kernel[(num_tokens,)](
             qkv, q, q_norm, k_norm, cos_sin, positions, slot_mapping, k_cache, v_cache, eps,
             NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_heads),
-            KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim)
+            KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim, PDL=pdl(qkv.device),
+            launch_pdl=pdl(qkv.device))
     return q
 
 
@@ -546,10 +618,14 @@ def _decode_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, context_lens_ptr,
         block_tables_ptr, qk_scale, q_stride_seq, q_stride_head, block_tables_stride,
         NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr,
-        GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, UPCAST: tl.constexpr):
+        GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, UPCAST: tl.constexpr,
+        PDL: tl.constexpr):
     # grid: (num_kv_heads, batch, NUM_SPLITS), whatever the context lengths (CUDA-graph safe). A kv head's GROUP query
     # heads form one (GROUP_PAD, HEAD_DIM) tile (padding rows masked): each K/V tile is read once for all.
     kv_head, seq, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if PDL:  # see pdl()
+        gdc_launch_dependents()
+        gdc_wait()
     context_len = tl.load(context_lens_ptr + seq)
     num_tiles = tl.cdiv(context_len, BLOCK_N)  # dealt out evenly: trailing splits may get none (and write l = 0)
     tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
@@ -585,8 +661,11 @@ def _decode_attention_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr,
-                          NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+                          NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr):
     row = tl.program_id(0)  # grid: (batch * num_heads,): merges a row's split softmaxes, a (SPLITS_PAD, HEAD_DIM) tile
+    if PDL:  # see pdl()
+        gdc_launch_dependents()
+        gdc_wait()
     splits = tl.arange(0, SPLITS_PAD)
     split_mask = splits < NUM_SPLITS
     dims = tl.arange(0, HEAD_DIM)
@@ -624,10 +703,12 @@ def decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale, num
         q, k_cache, v_cache, out, part_m, part_l, part_acc, context_lens, block_tables,
         scale * LOG2_E, q.stride(0), q.stride(1), block_tables.stride(0),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, GROUP=group, UPCAST=not q.is_cuda,
-        GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, NUM_SPLITS=num_splits, num_warps=4)
+        GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, NUM_SPLITS=num_splits, num_warps=4,
+        PDL=pdl(q.device), launch_pdl=pdl(q.device))
     if num_splits > 1:  # one split writes the output itself
         _decode_reduce_kernel[(batch * num_heads,)](part_m, part_l, part_acc, out, NUM_SPLITS=num_splits,
-                                                    SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim)
+                                                    SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
+                                                    PDL=pdl(q.device), launch_pdl=pdl(q.device))
     return out
 
 

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 if not torch.cuda.is_available():  # the Triton kernels run on the CPU through Triton's interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -542,14 +543,41 @@ def test_qk_norm_rope_store(dtype, num_heads, num_kv_heads, head_dim):  # 6 and 
     assert torch.equal(v_cache, v_ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("in_features, out_features", [(64, 96), (200, 37), pytest.param(1024, 4096, marks=cuda)])
+def test_gemv_with_folded_norm_and_swiglu(dtype, in_features, out_features):  # one row: the single-stream decode
+    torch.manual_seed(in_features)
+    weight = torch.randn(out_features, in_features, dtype=dtype, device=DEVICE) / in_features ** 0.5
+    x, residual = torch.randn(2, 1, in_features, dtype=dtype, device=DEVICE)
+    norm = nanollm.RMSNorm(in_features, 1e-6).to(DEVICE)
+    norm.weight.data = (1 + torch.randn(in_features, device=DEVICE) / 4).to(dtype)
+    reference = dict(none=lambda: F.linear(x, weight), norm=lambda: F.linear(norm(x)[0], weight),
+                     add_norm=lambda: F.linear(norm(x, residual)[0], weight),
+                     swiglu=lambda: F.linear(nanollm.silu_and_mul(torch.cat([x, residual], 1)), weight))
+    outs = dict(none=nanollm.gemv(x, weight), norm=nanollm.gemv(x, weight, norm),
+                add_norm=nanollm.gemv(x, weight, norm, residual),
+                swiglu=nanollm.gemv(torch.cat([x, residual], 1), weight, swiglu=True))
+    assert outs["norm"][1] is x  # no residual: x is the residual stream
+    summed = outs["add_norm"][1]
+    if DEVICE == "cuda" or dtype == torch.float32:  # (the interpreter's bf16 and fp16 roundings are off)
+        assert torch.equal(summed, x + residual)
+    for name, ref in reference.items():
+        out = outs[name][0] if name in ("norm", "add_norm") else outs[name]
+        assert out.shape == (1, out_features) and out.dtype == dtype
+        assert rel_error(out, ref().float()) < TOLERANCE[dtype], name
+
+
 HOPPER_LAUNCHES = [  # each kernel with the compile-time constants the engine gives it for Qwen3-0.6B in bf16
+    *[(nanollm._gemv_kernel, dict(PROLOGUE=prologue, BLOCK_N=2, BLOCK_K=1024, PDL=True))
+      for prologue in ("none", "swiglu", "norm", "add_norm")],
     (nanollm._qk_norm_rope_store_kernel, dict(NUM_HEADS=16, NUM_KV_HEADS=8, HEADS_PAD=16, KV_HEADS_PAD=8,
-                                               HEAD_DIM=128)),
+                                               HEAD_DIM=128, PDL=True)),
     (nanollm._prefill_attention_kernel, dict(NUM_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_SIZE=256, BLOCK_M=64,
                                              BLOCK_N=64, UPCAST=False)),
     *[(nanollm._decode_attention_kernel, dict(NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_SIZE=256, GROUP=2, GROUP_PAD=16,
-                                              BLOCK_N=64, NUM_SPLITS=splits, UPCAST=False)) for splits in (1, 8)],
-    (nanollm._decode_reduce_kernel, dict(NUM_SPLITS=8, SPLITS_PAD=8, HEAD_DIM=128)),
+                                              BLOCK_N=64, NUM_SPLITS=splits, UPCAST=False, PDL=True))
+      for splits in (1, 8)],
+    (nanollm._decode_reduce_kernel, dict(NUM_SPLITS=8, SPLITS_PAD=8, HEAD_DIM=128, PDL=True)),
     (nanollm._sample_kernel, dict(PART=8192, BLOCK=2048)),
 ]
 
@@ -557,7 +585,7 @@ HOPPER_LAUNCHES = [  # each kernel with the compile-time constants the engine gi
 def compile_kernels_for_hopper():  # in a process without TRITON_INTERPRET: see the next test
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    bf16 = {"qkv", "q_norm", "k_norm", "k_cache", "v_cache", "q", "out", "logits"}
+    bf16 = {"qkv", "q_norm", "k_norm", "k_cache", "v_cache", "q", "out", "logits", "x", "w", "residual", "summed", "norm"}
     fp32 = {"cos_sin", "part_m", "part_l", "part_acc", "temperature", "best"}
     for kernel, constants in HOPPER_LAUNCHES:
         def arg_type(name):
@@ -620,7 +648,8 @@ def test_gpu_end_to_end_fp32_with_cuda_graphs(checkpoints, hf_models):
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     llm = LLM(checkpoints[name], device="cuda", dtype="float32", kvcache_block_size=16, num_kvcache_blocks=14)
     assert llm.runner.graphs  # decode replays CUDA graphs
-    llm.generate([prefix], params, use_tqdm=False)
+    alone = llm.generate([prefix], params, use_tqdm=False)[0]  # one sequence: the one-row GEMV path
+    assert alone["token_ids"] == hf_greedy(hf_models[name], prefix, params.max_tokens)
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert llm.stats["preemptions"] > 0 and llm.stats["cached_prompt_tokens"] >= 2 * 32
     for prompt, out in zip(prompts, outs):
