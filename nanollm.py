@@ -214,8 +214,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         return logits[:, :self.vocab_size] if logits is not None else None
 
 
-def compiled_on_gpu(fn):
-    # on CUDA, torch.compile fuses fn's elementwise ops into 1-2 kernels for the CUDA graphs (README's notes); CPU: fn
+def compiled_on_gpu(fn):  # on CUDA torch.compile fuses fn's elementwise ops into 1-2 kernels (README); CPU: fn
     compiled = torch.compile(fn, dynamic=True)
     return functools.wraps(fn)(lambda x, *args: compiled(x, *args) if x.is_cuda else fn(x, *args))
 
@@ -238,9 +237,8 @@ def apply_rope(x, positions, cos_sin):  # x: (N, heads, head_dim); cos_sin: (max
 
 
 @compiled_on_gpu
-def add_rms_norm(x, residual, weight, eps):  # -> (rms_norm(x + residual), x + residual), or (rms_norm(x), x)
-    if residual is not None:
-        x = x + residual
+def add_rms_norm(x, residual, weight, eps):  # -> (rms_norm(x + residual), x + residual)
+    x = x + residual
     return rms_norm(x, weight, eps), x
 
 
@@ -267,9 +265,8 @@ def pdl(x):
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, residual_ptr, summed_ptr, norm_ptr, eps, N, K,
                  PROLOGUE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     # one row: out (N,) = f(x) @ W.T with W (N, K); a program computes BLOCK_N outputs and reads its rows of W once.
-    # f is folded in, so it costs no kernel of its own: "none"; "swiglu", x = [gate | up] (2K wide); "norm",
-    # RMSNorm of x (one tile, BLOCK_K >= K); "add_norm", of x + residual, which program 0 writes to summed.
-    # Every f rounds to the model's dtype where its reference does.
+    # f is folded in, rounded to the model's dtype where its reference rounds: "none"; "swiglu", x = [gate | up] (2K
+    # wide); "norm", RMSNorm of x + residual (one tile: BLOCK_K >= K), the sum stored to summed by program 0.
     pid = tl.program_id(0)
     dtype = w_ptr.dtype.element_ty
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -285,12 +282,10 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, residual_ptr, summed_ptr, norm_ptr, eps,
         if PROLOGUE == "swiglu":
             up = tl.load(x_ptr + K + ks, mask=ks < K, other=0.0).to(tl.float32)
             x = ((x / (1 + tl.exp(-x))).to(dtype).to(tl.float32) * up).to(dtype).to(tl.float32)
-        if PROLOGUE == "add_norm":
-            x = (x + tl.load(residual_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)).to(dtype)
+        if PROLOGUE == "norm":
+            x = (x + tl.load(residual_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
             if pid == 0:
-                tl.store(summed_ptr + ks, x, mask=ks < K)
-            x = x.to(tl.float32)
-        if PROLOGUE == "norm" or PROLOGUE == "add_norm":
+                tl.store(summed_ptr + ks, x, mask=ks < K)  # exact: x holds a value of the model's dtype
             x = (x * tl.rsqrt(tl.sum(x * x, 0) / K + eps)).to(dtype).to(tl.float32)
             x = (tl.load(norm_ptr + ks, mask=ks < K, other=0.0).to(tl.float32) * x).to(dtype).to(tl.float32)
         acc += w.to(tl.float32) * x[None, :]
@@ -298,20 +293,19 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, residual_ptr, summed_ptr, norm_ptr, eps,
 
 
 def gemv(x, weight, norm=None, residual=None, swiglu=False, block_n=2):  # x (1, K or 2K): see linear()
-    (N, K), summed = weight.shape, torch.empty_like(x) if residual is not None else x
+    (N, K), summed = weight.shape, None if norm is None else torch.empty_like(x)
     out = torch.empty(1, N, dtype=x.dtype, device=x.device)
-    prologue = "swiglu" if swiglu else "none" if norm is None else "norm" if residual is None else "add_norm"
     _gemv_kernel[(cdiv(N, block_n),)](
-        x, weight, out, residual, summed, None if norm is None else norm.weight, norm.eps if norm else 0.0, N, K,
-        PROLOGUE=prologue, BLOCK_N=block_n, PDL=pdl(x), launch_pdl=pdl(x),
-        BLOCK_K=triton.next_power_of_2(K) if norm else min(1024, triton.next_power_of_2(K)))
+        x, weight, out, residual, summed, None if norm is None else norm.weight, 0.0 if norm is None else norm.eps,
+        N, K, PROLOGUE="swiglu" if swiglu else "none" if norm is None else "norm", BLOCK_N=block_n,
+        BLOCK_K=triton.next_power_of_2(K) if norm else min(1024, triton.next_power_of_2(K)), PDL=pdl(x),
+        launch_pdl=pdl(x))
     return out if norm is None else (out, summed)
 
 
 def linear(x, weight, norm=None, residual=None, swiglu=False):
     # y = f(x) @ W.T, f: RMSNorm of x + residual (-> (y, x + residual)), SwiGLU of x = [gate | up], or nothing.
-    # One row on a GPU (a single sequence decoding) is one Triton GEMV with f folded in: at one row a projection
-    # costs its launch latency more than its bytes, so the kernels saved are the time saved
+    # One row on a GPU (one sequence decoding) is one Triton GEMV with f folded in: there launches cost more than bytes
     if x.is_cuda and x.shape[0] == 1:
         return gemv(x, weight, norm, residual, swiglu)
     if norm is not None:
@@ -325,7 +319,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps, self.weight = eps, nn.Parameter(torch.ones(dim), requires_grad=False)
 
-    def forward(self, x, residual=None):  # the residual stream: -> (normalised, x + residual)
+    def forward(self, x, residual):  # the residual stream: -> (normalised, x + residual)
         return add_rms_norm(x, residual, self.weight, self.eps)
 
 
@@ -380,7 +374,8 @@ class Qwen3Model(nn.Module):
         self.register_buffer("cos_sin", cos_sin, persistent=False)
 
     def forward(self, input_ids, positions, meta):
-        h, residual = self.embed_tokens(input_ids), None
+        residual = self.embed_tokens(input_ids)  # the residual stream starts as the embeddings: every norm adds
+        h = torch.zeros_like(residual)
         for layer in self.layers:
             h, residual = layer(positions, h, residual, self.cos_sin, meta)
         return self.norm(h, residual)[0]
@@ -473,19 +468,19 @@ LOG2_E = 1.4426950408889634  # softmax runs in base 2: exp(x) = exp2(x * log2(e)
 
 
 @triton.jit
-def _norm_rope(ptrs, mask, weight_ptr, cos, sin, eps, HALF: tl.constexpr):
-    # (heads, HALF) pointers to the first half of each head -> both halves RMSNormed and rotated, rounded to the
-    # model's dtype where the reference rounds (after the norm, after the weight, after RoPE)
+def _norm_rope_store(ptrs, out_ptrs, mask, weight_ptr, cos, sin, eps, HALF: tl.constexpr):
+    # (heads, HALF) pointers to the first half of each head -> both halves RMSNormed, rotated and stored at out_ptrs,
+    # rounded to the model's dtype where the reference rounds (after the norm, after the weight, after RoPE)
     x1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
     inv_rms = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
     dtype = ptrs.dtype.element_ty
     half = tl.arange(0, HALF)[None, :]
-    w1 = tl.load(weight_ptr + half).to(tl.float32)
-    w2 = tl.load(weight_ptr + HALF + half).to(tl.float32)
+    w1, w2 = tl.load(weight_ptr + half).to(tl.float32), tl.load(weight_ptr + HALF + half).to(tl.float32)
     x1 = (w1 * (x1 * inv_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
     x2 = (w2 * (x2 * inv_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-    return (x1 * cos - x2 * sin).to(dtype), (x2 * cos + x1 * sin).to(dtype)
+    tl.store(out_ptrs, (x1 * cos - x2 * sin).to(dtype), mask=mask)
+    tl.store(out_ptrs + HALF, (x2 * cos + x1 * sin).to(dtype), mask=mask)
 
 
 @triton.jit
@@ -499,25 +494,20 @@ def _qk_norm_rope_store_kernel(qkv_ptr, q_ptr, q_norm_ptr, k_norm_ptr, cos_sin_p
     HALF: tl.constexpr = HEAD_DIM // 2
     half = tl.arange(0, HALF)[None, :]
     pos = tl.load(positions_ptr + token)
-    cos = tl.load(cos_sin_ptr + pos * HEAD_DIM + half)
-    sin = tl.load(cos_sin_ptr + pos * HEAD_DIM + HALF + half)
+    cos, sin = tl.load(cos_sin_ptr + pos * HEAD_DIM + half), tl.load(cos_sin_ptr + pos * HEAD_DIM + HALF + half)
     if PDL:  # see pdl()
         gdc_launch_dependents()
         gdc_wait()
     row = qkv_ptr + token * (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM
     heads = tl.arange(0, HEADS_PAD)[:, None]
-    q1, q2 = _norm_rope(row + heads * HEAD_DIM + half, heads < NUM_HEADS, q_norm_ptr, cos, sin, eps, HALF)
-    q_out = q_ptr + (token * NUM_HEADS + heads) * HEAD_DIM + half
-    tl.store(q_out, q1, mask=heads < NUM_HEADS)
-    tl.store(q_out + HALF, q2, mask=heads < NUM_HEADS)
+    _norm_rope_store(row + heads * HEAD_DIM + half, q_ptr + (token * NUM_HEADS + heads) * HEAD_DIM + half,
+                     heads < NUM_HEADS, q_norm_ptr, cos, sin, eps, HALF)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot >= 0:  # slot -1 marks a padding token: nothing to store
         kv_heads = tl.arange(0, KV_HEADS_PAD)[:, None]
-        valid = kv_heads < NUM_KV_HEADS
-        k1, k2 = _norm_rope(row + (NUM_HEADS + kv_heads) * HEAD_DIM + half, valid, k_norm_ptr, cos, sin, eps, HALF)
-        cache = (slot * NUM_KV_HEADS + kv_heads) * HEAD_DIM
-        tl.store(k_cache_ptr + cache + half, k1, mask=valid)
-        tl.store(k_cache_ptr + cache + HALF + half, k2, mask=valid)
+        valid, cache = kv_heads < NUM_KV_HEADS, (slot * NUM_KV_HEADS + kv_heads) * HEAD_DIM
+        _norm_rope_store(row + (NUM_HEADS + kv_heads) * HEAD_DIM + half, k_cache_ptr + cache + half, valid,
+                         k_norm_ptr, cos, sin, eps, HALF)
         dims = tl.arange(0, HEAD_DIM)[None, :]
         v = tl.load(row + (NUM_HEADS + NUM_KV_HEADS + kv_heads) * HEAD_DIM + dims, mask=valid)
         tl.store(v_cache_ptr + cache + dims, v, mask=valid)
@@ -530,10 +520,9 @@ def qk_norm_rope_store(qkv, q_norm, k_norm, eps, positions, cos_sin, k_cache, v_
     q = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     if num_tokens:
         _qk_norm_rope_store_kernel[(num_tokens,)](
-            qkv, q, q_norm, k_norm, cos_sin, positions, slot_mapping, k_cache, v_cache, eps,
-            NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_heads),
-            KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim, PDL=pdl(qkv),
-            launch_pdl=pdl(qkv))
+            qkv, q, q_norm, k_norm, cos_sin, positions, slot_mapping, k_cache, v_cache, eps, NUM_HEADS=num_heads,
+            NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_heads), HEAD_DIM=head_dim,
+            KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads), PDL=pdl(qkv), launch_pdl=pdl(qkv))
     return q
 
 
@@ -554,8 +543,7 @@ def _load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_ptr, kv_pos, kv_mask, kv
 @triton.jit
 def _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale):
     # q (M, D), k/v (N, D), allowed (M, N) or (1, N); row max m_i, row sum l_i (M,) in base 2; acc (M, D) unnormalised
-    s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-    s = tl.where(allowed, s, float("-inf"))
+    s = tl.where(allowed, tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))  # m_i starts at -1e30, so m_new stays finite
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old max
@@ -585,7 +573,6 @@ def _prefill_attention_kernel(
     q_offs = (q_start + rows).to(tl.int64)[:, None] * q_stride_token + head * q_stride_head + dims[None, :]
     q = tl.load(q_ptr + q_offs, mask=row_mask[:, None], other=0.0)
     q = q.to(tl.float32) if UPCAST else q
-
     m_i, l_i = tl.full([BLOCK_M], -1e30, tl.float32), tl.zeros([BLOCK_M], tl.float32)  # running row max and sum
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     kv_head = head // (NUM_HEADS // NUM_KV_HEADS)
@@ -611,19 +598,18 @@ def prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tab
     block_m, block_n = (32, 32) if q.dtype == torch.float32 else (64, 64)
     block_m = 16 if max_seqlen_q <= 16 else block_m  # short chunks (e.g. prefix-cache hits)
     _prefill_attention_kernel[(cdiv(max_seqlen_q, block_m), num_heads, cu_seqlens_q.numel() - 1)](
-        q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables,
-        scale * LOG2_E, q.stride(0), q.stride(1), block_tables.stride(0),
-        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=not q.is_cuda, num_warps=4)
+        q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables, scale * LOG2_E, q.stride(0), q.stride(1),
+        block_tables.stride(0), NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=not q.is_cuda, num_warps=4)
     return out
 
 
 @triton.jit
 def _decode_attention_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, context_lens_ptr,
-        block_tables_ptr, qk_scale, q_stride_seq, q_stride_head, block_tables_stride,
-        NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr,
-        GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, UPCAST: tl.constexpr,
+        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, counters_ptr, context_lens_ptr,
+        block_tables_ptr, qk_scale, q_stride_seq, q_stride_head, block_tables_stride, NUM_KV_HEADS: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+        BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, UPCAST: tl.constexpr,
         PDL: tl.constexpr):
     # grid: (num_kv_heads, batch, NUM_SPLITS), whatever the context lengths (CUDA-graph safe). A kv head's GROUP query
     # heads form one (GROUP_PAD, HEAD_DIM) tile (padding rows masked): each K/V tile is read once for all.
@@ -636,15 +622,12 @@ def _decode_attention_kernel(
     tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
     tile_start = split * tiles_per_split
     tile_end = tl.minimum(tile_start + tiles_per_split, num_tiles)
-
     group_idx = tl.arange(0, GROUP_PAD)
-    head_mask = group_idx < GROUP
-    heads = kv_head * GROUP + group_idx
+    heads, head_mask = kv_head * GROUP + group_idx, group_idx < GROUP
     dims = tl.arange(0, HEAD_DIM)
     q_offs = seq.to(tl.int64) * q_stride_seq + heads[:, None] * q_stride_head + dims[None, :]
     q = tl.load(q_ptr + q_offs, mask=head_mask[:, None], other=0.0)
     q = q.to(tl.float32) if UPCAST else q
-
     m_i, l_i = tl.full([GROUP_PAD], -1e30, tl.float32), tl.zeros([GROUP_PAD], tl.float32)  # running row max and sum
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     block_table_ptr = block_tables_ptr + seq.to(tl.int64) * block_tables_stride
@@ -662,26 +645,28 @@ def _decode_attention_kernel(
     tl.store(part_m_ptr + part, m_i, mask=head_mask)
     tl.store(part_l_ptr + part, l_i, mask=head_mask)
     tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=head_mask[:, None])
+    # The last of the (sequence, kv head)'s splits to finish merges them all and sets their counter back to 0. The
+    # barrier orders every thread's partials before the counter's (acquire-release) atomic add.
+    tl.debug_barrier()
+    if tl.atomic_add(counters_ptr + seq * NUM_KV_HEADS + kv_head, 1) == NUM_SPLITS - 1:
+        tl.atomic_xchg(counters_ptr + seq * NUM_KV_HEADS + kv_head, 0)
+        splits = tl.arange(0, SPLITS_PAD)
+        for g in tl.static_range(GROUP):  # a (SPLITS_PAD, HEAD_DIM) tile of each query head's partials
+            row = (seq * NUM_KV_HEADS + kv_head) * GROUP + g
+            parts, valid = row * NUM_SPLITS + splits, splits < NUM_SPLITS
+            split_m = tl.load(part_m_ptr + parts, valid, float("-inf"), cache_modifier=".cg")  # .cg: from L2, not L1
+            split_l = tl.load(part_l_ptr + parts, valid, 0.0, cache_modifier=".cg")
+            split_acc = tl.load(part_acc_ptr + parts[:, None] * HEAD_DIM + dims[None, :], valid[:, None], 0.0,
+                                cache_modifier=".cg")
+            weight = tl.exp2(split_m - tl.max(split_m, axis=0))  # every split brought to the common max
+            total = tl.sum(split_l * weight, axis=0)  # 0 for a padding row (empty context): so is its output
+            out = tl.sum(split_acc * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+            tl.store(out_ptr + row * HEAD_DIM + dims, out)
 
 
-@triton.jit
-def _decode_reduce_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr,
-                          NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr):
-    row = tl.program_id(0)  # grid: (batch * num_heads,): merges a row's split softmaxes, a (SPLITS_PAD, HEAD_DIM) tile
-    if PDL:  # see pdl()
-        gdc_launch_dependents()
-        gdc_wait()
-    splits = tl.arange(0, SPLITS_PAD)
-    split_mask = splits < NUM_SPLITS
-    dims = tl.arange(0, HEAD_DIM)
-    m = tl.load(part_m_ptr + row * NUM_SPLITS + splits, mask=split_mask, other=float("-inf"))
-    l = tl.load(part_l_ptr + row * NUM_SPLITS + splits, mask=split_mask, other=0.0)
-    acc = tl.load(part_acc_ptr + (row * NUM_SPLITS + splits)[:, None] * HEAD_DIM + dims[None, :],
-                  mask=split_mask[:, None], other=0.0)
-    weight = tl.exp2(m - tl.max(m, axis=0))  # bring every split to the common max
-    total = tl.sum(l * weight, axis=0)  # 0 for a padding row (context_len 0, every split empty): so is the output
-    out = tl.sum(acc * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + row * HEAD_DIM + dims, out)
+@functools.cache
+def split_counters(device):  # decode's merge counters, one per (sequence, kv head); each merge resets its own to 0
+    return torch.zeros(1 << 16, dtype=torch.int32, device=device)
 
 
 def decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale, num_splits=None, out=None):
@@ -692,34 +677,30 @@ def decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale, num
     # K/V tiles of 8K elements (4K in fp32, to avoid spills): 64 x 128 for bf16 at head_dim 128
     block_n = max(16, min(128, (4096 if fp32 else 8192) // head_dim))
     if num_splits is None:  # from shapes only (CUDA-graph safe): about two waves of programs over the
-        # SMs, no more splits than the block table holds KV tiles, and at most 32 (the reduce reads them all)
+        # SMs, no more splits than the block table holds KV tiles, and at most 32 (the merge reads them all)
         sms = gpu(q.device).multi_processor_count if q.is_cuda else 132
         max_tiles = cdiv(block_tables.shape[1] * block_size, block_n)
         num_splits = max(1, min(cdiv(2 * sms, batch * num_kv_heads), max_tiles, 32))
     part_m = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)  # its own allocation: 16-byte aligned whatever the shape (one compiled kernel)
     part_acc = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+    assert batch * num_kv_heads <= split_counters(q.device).numel()
     _decode_attention_kernel[(num_kv_heads, batch, num_splits)](  # programs start sequence by sequence
-        q, k_cache, v_cache, out, part_m, part_l, part_acc, context_lens, block_tables,
-        scale * LOG2_E, q.stride(0), q.stride(1), block_tables.stride(0),
-        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, GROUP=group, UPCAST=not q.is_cuda,
-        GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, NUM_SPLITS=num_splits, num_warps=4,
-        PDL=pdl(q), launch_pdl=pdl(q))
-    if num_splits > 1:  # one split writes the output itself
-        _decode_reduce_kernel[(batch * num_heads,)](part_m, part_l, part_acc, out, NUM_SPLITS=num_splits,
-                                                    SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
-                                                    PDL=pdl(q), launch_pdl=pdl(q))
+        q, k_cache, v_cache, out, part_m, part_l, part_acc, split_counters(q.device), context_lens, block_tables,
+        scale * LOG2_E, q.stride(0), q.stride(1), block_tables.stride(0), NUM_KV_HEADS=num_kv_heads,
+        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=block_n, NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
+        UPCAST=not q.is_cuda, num_warps=4, PDL=pdl(q), launch_pdl=pdl(q))
     return out
 
 
 def paged_attention(q, k_cache, v_cache, meta, scale):  # q (N, heads, hd) -> like q; new keys/values already cached
-    if q.is_cuda:  # the fast path: Triton kernels
-        if meta.max_seqlen_q == 1:
-            return decode_attention(q, k_cache, v_cache, meta.context_lens, meta.block_tables, scale)
-        return prefill_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens, meta.block_tables,
-                                 scale, meta.max_seqlen_q)
-    return paged_attention_reference(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens,
-                                     meta.block_tables, scale)
+    args = (q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens, meta.block_tables, scale)
+    if not q.is_cuda:
+        return paged_attention_reference(*args)  # plain torch
+    if meta.max_seqlen_q == 1:  # the fast path: Triton kernels
+        return decode_attention(q, k_cache, v_cache, meta.context_lens, meta.block_tables, scale)
+    return prefill_attention(*args, meta.max_seqlen_q)
 
 
 # -----------------------------------------------------------------------------
@@ -733,8 +714,7 @@ class Sequence:
     def __init__(self, request_id, token_ids, params):
         self.request_id, self.params = request_id, params
         self.token_ids = list(token_ids)     # prompt, then generated tokens
-        self.num_prompt_tokens = len(token_ids)
-        self.block_table = []
+        self.num_prompt_tokens, self.block_table = len(token_ids), []
         self.num_computed_tokens = 0         # tokens whose keys/values are in the cache
         self.num_hashed_blocks = 0           # leading blocks already published under a hash
         self.num_scheduled_tokens = 0        # tokens to compute in the current step
@@ -767,9 +747,8 @@ class Block:
 class BlockManager:
     def __init__(self, num_blocks, block_size, enable_prefix_caching=True):
         self.block_size, self.enable_prefix_caching = block_size, enable_prefix_caching
-        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.blocks, self.hash_to_block = [Block(i) for i in range(num_blocks)], {}
         self.free = OrderedDict.fromkeys(range(num_blocks))   # ref_count == 0, oldest-freed first
-        self.hash_to_block = {}
 
     @property
     def num_free_blocks(self):
@@ -826,10 +805,9 @@ class BlockManager:
 
 # -----------------------------------------------------------------------------
 # Scheduler: continuous batching with chunked prefill and preemption
-# A step is either a prefill step (prompt chunks, up to max_num_batched_tokens tokens) or a decode step
-# (one token for every running sequence). Prefill goes first, so new requests join the batch as soon as
-# there is room. A running sequence that cannot get a block for its next token preempts the most recently
-# admitted one: that sequence gives its blocks back and later recomputes (mostly from the prefix cache).
+# A step is a prefill step (prompt chunks, up to max_num_batched_tokens tokens) or a decode step (one token for every
+# running sequence); prefill goes first: new requests join once there is room. A sequence that cannot get a block for
+# its next token preempts the newest admitted one, which frees its blocks and recomputes later (mostly prefix-cached).
 
 class Scheduler:
     def __init__(self, config, block_manager, eos_token_ids):
@@ -845,8 +823,7 @@ class Scheduler:
         # ...then new (or preempted) sequences in arrival order, while their first chunk fits
         while self.waiting and budget and len(self.running) < self.config.max_num_seqs:  # caps the batch too
             seq = self.waiting[0]
-            self.block_manager.claim_cached_prefix(seq)
-            num_tokens = min(len(seq) - seq.num_computed_tokens, budget)
+            num_tokens = min(len(seq) - self.block_manager.claim_cached_prefix(seq), budget)
             if self.block_manager.blocks_needed(seq, num_tokens) > self.block_manager.num_free_blocks:
                 self.block_manager.release(seq)  # give the claimed prefix back; try again next step
                 break
@@ -857,8 +834,7 @@ class Scheduler:
             return batch, True
         # decode: one token each, longest context first. The attention kernel's programs start sequence by sequence,
         # so the long ones start early and the GPU's last wave is short work (README: 3-4% faster attention)
-        batch = self.schedule_running(list(self.running), len(self.running))[0]
-        return sorted(batch, key=len, reverse=True), False
+        return sorted(self.schedule_running(list(self.running), len(self.running))[0], key=len, reverse=True), False
 
     def schedule_running(self, seqs, budget):  # oldest first -> (batch, budget left: 0 once a sequence must wait)
         batch = []
@@ -984,9 +960,8 @@ def sample_triton(logits, temperature, seeds, part=8192, block=2048):
 
 class ModelRunner:
     def __init__(self, config, tp=Parallel()):
-        self.config, self.tp = config, tp
+        self.config, self.tp, self.block_size, hf = config, tp, config.kvcache_block_size, config.hf
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if config.device == "cuda" else config.device)
-        self.block_size, hf = config.kvcache_block_size, config.hf
         torch.set_default_dtype(config.torch_dtype)
         with self.device:
             self.model = Qwen3ForCausalLM(hf, tp)
@@ -1206,9 +1181,8 @@ class LLM:
             self.runner = ModelRunner(config, parallel or Parallel())
         except BaseException as e:
             self.exit(e)
-        self.num_kvcache_blocks = self.runner.num_kvcache_blocks
-        self.block_manager = BlockManager(self.num_kvcache_blocks, config.kvcache_block_size,
-                                          config.enable_prefix_caching)
+        self.num_kvcache_blocks = num_blocks = self.runner.num_kvcache_blocks
+        self.block_manager = BlockManager(num_blocks, config.kvcache_block_size, config.enable_prefix_caching)
         eos = config.hf.eos_token_ids or (self.tokenizer.eos_token_id,)
         self.eos_token_ids = tuple(e for e in eos if e is not None)
         self.scheduler = Scheduler(config, self.block_manager, self.eos_token_ids)
@@ -1225,8 +1199,7 @@ class LLM:
         self.exit(abrupt=exc is not None)
 
     def exit(self, failure=None, abrupt=False):
-        # End every rank. Workers waiting for a command get "exit"; after an error or Ctrl-C in the middle of a
-        # step they may be inside a collective, so they are terminated. A failure raises the workers' own error.
+        # workers waiting for a command get "exit"; mid-step (error, Ctrl-C) they may be in a collective: terminated
         abrupt = abrupt or failure is not None
         if self.runner is not None and self.runner.tp.size > 1 and not abrupt:
             self.runner.call("exit")
@@ -1267,18 +1240,17 @@ class LLM:
             token_ids = list(prompt)
         else:
             raise TypeError("a prompt is a string or a list of token ids")
-        cfg = self.config
         if self.runner is None:
             raise RuntimeError("this LLM has exited")
         if not token_ids:
             raise ValueError("empty prompt: at least one token is needed")
-        bad = [t for t in token_ids if not 0 <= t < cfg.hf.vocab_size]
+        bad = [t for t in token_ids if not 0 <= t < self.config.hf.vocab_size]
         if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {cfg.hf.vocab_size})")
-        if len(token_ids) >= cfg.max_model_len:
-            raise ValueError(f"prompt of {len(token_ids)} tokens does not fit max_model_len={cfg.max_model_len} "
-                             f"with room for one new token")
-        need = cdiv(min(len(token_ids) + params.max_tokens, cfg.max_model_len), cfg.kvcache_block_size)
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.hf.vocab_size})")
+        if len(token_ids) >= self.config.max_model_len:
+            raise ValueError(f"prompt of {len(token_ids)} tokens does not fit "
+                             f"max_model_len={self.config.max_model_len} with room for one new token")
+        need = cdiv(min(len(token_ids) + params.max_tokens, self.config.max_model_len), self.config.kvcache_block_size)
         if need > self.num_kvcache_blocks:
             raise ValueError(f"request needs {need} KV-cache blocks at full length but the cache has only "
                              f"{self.num_kvcache_blocks}: it could never run; shorten it or lower max_tokens")
@@ -1446,9 +1418,8 @@ def build_random_checkpoint(path, seed=0, dtype=torch.float32, **config):
 # Front ends on the step loop: resumable offline jobs and an interactive chat
 
 def run_job(llm, input_path, output_path, defaults, shard=(0, 1), use_tqdm=True):
-    # Each input line is {"id": ..., "prompt": ... | "messages": [...], optional sampling fields}. Results are
-    # appended as requests finish; ids already in the output are skipped, so rerunning an interrupted job
-    # finishes it without redoing or rewriting anything. shard = (this group, groups) picks every groups-th line.
+    # Input lines: {"id": ..., "prompt": ... | "messages": [...], optional sampling fields}. Results are appended as
+    # requests finish; ids already in the output are skipped (a rerun resumes); shard (g, n): every n-th line from g.
     done = set()
     if os.path.exists(output_path):
         with open(output_path) as f:
