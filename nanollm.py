@@ -2,11 +2,11 @@
 nanollm: a single-file LLM inference engine for Qwen3, written to be read top to bottom.
 
 What it does, in the order a request travels through this file:
-  config.json -> a Qwen3 model built from tensor-parallel linear layers -> a paged KV cache read by
-  attention (Triton kernels on the GPU, each beside the plain-torch reference it is tested against)
-  -> a block manager that shares cached prompt prefixes by hashing blocks -> a scheduler doing
-  continuous batching, chunked prefill and preemption -> a model runner that replays CUDA graphs for
-  decode -> the LLM API (generate, or the step-level add_request/step loop) -> main().
+  config.json -> a Qwen3 model built from tensor-parallel linear layers -> a paged KV cache read by attention
+  (Triton kernels on the GPU, each beside the plain-torch reference it is tested against) -> a block manager that
+  shares cached prompt prefixes by hashing blocks -> a scheduler doing continuous batching, chunked prefill and
+  preemption -> a model runner that replays CUDA graphs for decode -> the LLM API (generate, or the step-level
+  add_request/step loop) -> main().
 
 What it leaves out on purpose: other architectures, quantisation, LoRA, speculative decoding, beam
 search, an HTTP server. It needs no flash-attn build, and it runs on a CPU for learning and tests.
@@ -80,7 +80,6 @@ def load_model_config(path):  # config.json as a namespace under HF's names, plu
                               "dtype": getattr(torch, c.get("dtype") or c.get("torch_dtype") or "bfloat16"),
                               "eos_token_ids": tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])})
 
-
 @dataclass
 class Config:
     model: str
@@ -121,7 +120,6 @@ class Config:
             raise ValueError(f"tensor_parallel_size {tp} must divide the heads "
                              f"({hf.num_attention_heads} query, {hf.num_key_value_heads} KV)")
 
-
 @dataclass
 class SamplingParams:
     temperature: float = 1.0            # 0: greedy
@@ -153,7 +151,6 @@ class Parallel:
     control: object = None  # a gloo group on which rank 0 sends commands to the other ranks
     first: int = 0          # the global rank of the group's rank 0
 
-
 class MergedColumnParallelLinear(nn.Module):  # W = [this rank's rows of q | of k | of v] (or gate | up): one matmul
     def __init__(self, in_features, out_features, tp):  # out_features: one size per part
         super().__init__()
@@ -166,7 +163,6 @@ class MergedColumnParallelLinear(nn.Module):  # W = [this rank's rows of q | of 
 
     def forward(self, x, norm=None, residual=None):  # a norm: -> (self(norm(x, residual)), x + residual)
         return linear(x, self.weight, norm, residual)
-
 
 class RowParallelLinear(nn.Module):  # y = x @ W.T, W's input columns split: each rank's partial sum is all-reduced
     def __init__(self, in_features, out_features, tp):
@@ -181,7 +177,6 @@ class RowParallelLinear(nn.Module):  # y = x @ W.T, W's input columns split: eac
         if self.tp.size > 1:
             dist.all_reduce(y, group=self.tp.group)
         return y
-
 
 class VocabParallelEmbedding(nn.Module):  # a contiguous slice of the vocabulary per rank (padded to a TP-size multiple)
     def __init__(self, vocab_size, hidden_size, tp):
@@ -203,7 +198,6 @@ class VocabParallelEmbedding(nn.Module):  # a contiguous slice of the vocabulary
         dist.all_reduce(y, group=self.tp.group)  # exactly one rank contributes each token's row
         return y
 
-
 class ParallelLMHead(VocabParallelEmbedding):
     def forward(self, x):  # (B, hidden) -> (B, vocab) logits on the group's first rank, None elsewhere
         logits = F.linear(x, self.weight)
@@ -213,45 +207,37 @@ class ParallelLMHead(VocabParallelEmbedding):
             logits = torch.cat(parts, -1) if self.tp.rank == 0 else None
         return logits[:, :self.vocab_size] if logits is not None else None
 
-
 def compiled_on_gpu(fn):  # on CUDA torch.compile fuses fn's elementwise ops into 1-2 kernels (README); CPU: fn
     compiled = torch.compile(fn, dynamic=True)
     return functools.wraps(fn)(lambda x, *args: compiled(x, *args) if x.is_cuda else fn(x, *args))
 
-
 def rms_norm(x, weight, eps):  # normalise in fp32 like the reference, scale in the model's dtype
     xf = x.float()
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
 
 def rope_table(head_dim, max_position, theta):  # -> cos_sin (max_position, head_dim) fp32: [cos | sin] per position
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)
     freqs = torch.outer(torch.arange(max_position, dtype=torch.float), inv_freq)
     return torch.cat([freqs.cos(), freqs.sin()], -1)
 
-
 def apply_rope(x, positions, cos_sin):  # x: (N, heads, head_dim); cos_sin: (max_position, head_dim) fp32
     cos, sin = cos_sin[positions].unsqueeze(1).chunk(2, -1)  # rotate-half RoPE
     x1, x2 = x.float().chunk(2, -1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
-
 
 @compiled_on_gpu
 def add_rms_norm(x, residual, weight, eps):  # -> (rms_norm(x + residual), x + residual)
     x = x + residual
     return rms_norm(x, weight, eps), x
 
-
 @compiled_on_gpu
 def silu_and_mul(x):  # SwiGLU: x = [gate | up]
     gate, up = x.chunk(2, -1)
     return F.silu(gate) * up
 
-
 @functools.cache
 def gpu(device):  # its properties, asked per kernel launch in eager steps: looked up once
     return torch.cuda.get_device_properties(device)
-
 
 def pdl(x):
     # Programmatic dependent launch (Hopper on) for the kernels of one row's decode step, each a few microseconds: a
@@ -259,7 +245,6 @@ def pdl(x):
     # 2% slower). Such a kernel calls gdc_launch_dependents() to let the next one start, and gdc_wait() before it
     # reads or writes what earlier kernels write: only weights and per-step constants may be read before.
     return x.is_cuda and x.shape[0] == 1 and gpu(x.device).major >= 9
-
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, residual_ptr, summed_ptr, norm_ptr, eps, N, K,
@@ -291,17 +276,14 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, residual_ptr, summed_ptr, norm_ptr, eps,
         acc += w.to(tl.float32) * x[None, :]
     tl.store(out_ptr + cols, tl.sum(acc, 1).to(dtype), mask=cols < N)
 
-
-def gemv(x, weight, norm=None, residual=None, swiglu=False, block_n=2):  # x (1, K or 2K): see linear()
-    (N, K), summed = weight.shape, None if norm is None else torch.empty_like(x)
+def gemv(x, weight, norm=None, residual=None, swiglu=False):  # x (1, K or 2K): see linear(); 2 outputs per program
+    (N, K), summed, chained = weight.shape, None if norm is None else torch.empty_like(x), pdl(x)
     out = torch.empty(1, N, dtype=x.dtype, device=x.device)
-    _gemv_kernel[(cdiv(N, block_n),)](
+    _gemv_kernel[(cdiv(N, 2),)](
         x, weight, out, residual, summed, None if norm is None else norm.weight, 0.0 if norm is None else norm.eps,
-        N, K, PROLOGUE="swiglu" if swiglu else "none" if norm is None else "norm", BLOCK_N=block_n,
-        BLOCK_K=triton.next_power_of_2(K) if norm else min(1024, triton.next_power_of_2(K)), PDL=pdl(x),
-        launch_pdl=pdl(x))
+        N, K, PROLOGUE="swiglu" if swiglu else "none" if norm is None else "norm", BLOCK_N=2, PDL=chained,
+        BLOCK_K=triton.next_power_of_2(K) if norm else min(1024, triton.next_power_of_2(K)), launch_pdl=chained)
     return out if norm is None else (out, summed)
-
 
 def linear(x, weight, norm=None, residual=None, swiglu=False):
     # y = f(x) @ W.T, f: RMSNorm of x + residual (-> (y, x + residual)), SwiGLU of x = [gate | up], or nothing.
@@ -313,7 +295,6 @@ def linear(x, weight, norm=None, residual=None, swiglu=False):
         return F.linear(x, weight), residual
     return F.linear(silu_and_mul(x) if swiglu else x, weight)
 
-
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -322,11 +303,10 @@ class RMSNorm(nn.Module):
     def forward(self, x, residual):  # the residual stream: -> (normalised, x + residual)
         return add_rms_norm(x, residual, self.weight, self.eps)
 
-
 class Qwen3Attention(nn.Module):
     def __init__(self, cfg, tp):
         super().__init__()
-        self.head_dim, self.scale = cfg.head_dim, cfg.head_dim ** -0.5
+        self.scale = cfg.head_dim ** -0.5
         q_size, kv_size = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
         self.qkv_proj = MergedColumnParallelLinear(cfg.hidden_size, [q_size, kv_size, kv_size], tp)
         self.o_proj = RowParallelLinear(q_size, cfg.hidden_size, tp)
@@ -341,7 +321,6 @@ class Qwen3Attention(nn.Module):
                   self.k_cache, self.v_cache, meta.slot_mapping)
         return self.o_proj(paged_attention(q, self.k_cache, self.v_cache, meta, self.scale).flatten(1)), residual
 
-
 class Qwen3MLP(nn.Module):
     def __init__(self, cfg, tp):
         super().__init__()
@@ -352,7 +331,6 @@ class Qwen3MLP(nn.Module):
         gate_up, residual = self.gate_up_proj(x, norm, residual)
         return self.down_proj(gate_up, swiglu=True), residual
 
-
 class Qwen3DecoderLayer(nn.Module):
     def __init__(self, cfg, tp):
         super().__init__()
@@ -362,7 +340,6 @@ class Qwen3DecoderLayer(nn.Module):
     def forward(self, positions, h, residual, cos_sin, meta):  # each norm is applied (residual added) by the
         h, residual = self.self_attn(positions, h, residual, self.input_layernorm, cos_sin, meta)  # projection after it
         return self.mlp(h, residual, self.post_attention_layernorm)
-
 
 class Qwen3Model(nn.Module):
     def __init__(self, cfg, tp):
@@ -380,7 +357,6 @@ class Qwen3Model(nn.Module):
             h, residual = layer(positions, h, residual, self.cos_sin, meta)
         return self.norm(h, residual)[0]
 
-
 class Qwen3ForCausalLM(nn.Module):  # module paths = checkpoint keys; packed parts load through this map
     packed = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
               "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
@@ -390,9 +366,6 @@ class Qwen3ForCausalLM(nn.Module):  # module paths = checkpoint keys; packed par
         self.model, self.lm_head = Qwen3Model(cfg, tp), ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(self, input_ids, positions, meta):
-        return self.model(input_ids, positions, meta)
 
     def load_weights(self, path, tied):
         from safetensors import safe_open
@@ -432,7 +405,6 @@ class AttnMeta:
     block_tables: torch.Tensor   # (B, max_blocks) int32
     max_seqlen_q: int            # 1 for a decode step
 
-
 def qk_norm_rope_store_reference(qkv, q_norm, k_norm, eps, positions, cos_sin, k_cache, v_cache, slot_mapping):
     # qkv (N, (heads + 2 kv_heads) * hd): Qwen3 normalises each q and k head, then RoPE; k and v go to the cache
     kv_heads, head_dim = k_cache.shape[2:]
@@ -444,16 +416,14 @@ def qk_norm_rope_store_reference(qkv, q_norm, k_norm, eps, positions, cos_sin, k
     v_cache.view(-1, kv_heads, head_dim)[slots] = v[keep]
     return q  # (N, heads, hd)
 
-
 def paged_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale):
     # plain torch, one sequence at a time, in fp32: the definition the Triton kernels are held to
     out, block_size, group = torch.empty_like(q), k_cache.shape[1], q.shape[1] // k_cache.shape[2]
     cu, lens = cu_seqlens_q.tolist(), context_lens.tolist()
     for i, ctx in enumerate(lens):
-        qi = q[cu[i]:cu[i + 1]].float()                                  # (n, heads, head_dim)
+        qi = q[cu[i]:cu[i + 1]].float()  # (n, heads, head_dim); k and v below: (ctx, heads, head_dim), GQA expanded
         blocks = block_tables[i, :cdiv(ctx, block_size)].long()
-        k = k_cache[blocks].flatten(0, 1)[:ctx].float().repeat_interleave(group, 1)  # (ctx, heads, hd)
-        v = v_cache[blocks].flatten(0, 1)[:ctx].float().repeat_interleave(group, 1)
+        k, v = (c[blocks].flatten(0, 1)[:ctx].float().repeat_interleave(group, 1) for c in (k_cache, v_cache))
         scores = torch.einsum("nhd,khd->hnk", qi, k) * scale
         n = qi.shape[0]  # query j sits at position ctx - n + j and sees keys 0..that position
         future = torch.arange(ctx, device=q.device)[None, :] > (ctx - n + torch.arange(n, device=q.device))[:, None]
@@ -465,7 +435,6 @@ def paged_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, b
 # ---- Triton kernels, the fast path on GPUs: dots take the model's dtype and accumulate in fp32; fp32 dots are exact
 # ("ieee"). UPCAST: tiles go to fp32 after loading only in Triton's CPU interpreter (the tests'), whose bf16 is broken.
 LOG2_E = 1.4426950408889634  # softmax runs in base 2: exp(x) = exp2(x * log2(e))
-
 
 @triton.jit
 def _norm_rope_store(ptrs, out_ptrs, mask, weight_ptr, cos, sin, eps, HALF: tl.constexpr):
@@ -481,7 +450,6 @@ def _norm_rope_store(ptrs, out_ptrs, mask, weight_ptr, cos, sin, eps, HALF: tl.c
     x2 = (w2 * (x2 * inv_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
     tl.store(out_ptrs, (x1 * cos - x2 * sin).to(dtype), mask=mask)
     tl.store(out_ptrs + HALF, (x2 * cos + x1 * sin).to(dtype), mask=mask)
-
 
 @triton.jit
 def _qk_norm_rope_store_kernel(qkv_ptr, q_ptr, q_norm_ptr, k_norm_ptr, cos_sin_ptr, positions_ptr, slot_mapping_ptr,
@@ -512,19 +480,16 @@ def _qk_norm_rope_store_kernel(qkv_ptr, q_ptr, q_norm_ptr, k_norm_ptr, cos_sin_p
         v = tl.load(row + (NUM_HEADS + NUM_KV_HEADS + kv_heads) * HEAD_DIM + dims, mask=valid)
         tl.store(v_cache_ptr + cache + dims, v, mask=valid)
 
-
 def qk_norm_rope_store(qkv, q_norm, k_norm, eps, positions, cos_sin, k_cache, v_cache, slot_mapping):
     num_tokens, (num_kv_heads, head_dim) = qkv.shape[0], k_cache.shape[2:]
     num_heads = qkv.shape[1] // head_dim - 2 * num_kv_heads
     assert qkv.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()
     q = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
-    if num_tokens:
-        _qk_norm_rope_store_kernel[(num_tokens,)](
-            qkv, q, q_norm, k_norm, cos_sin, positions, slot_mapping, k_cache, v_cache, eps, NUM_HEADS=num_heads,
-            NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_heads), HEAD_DIM=head_dim,
-            KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads), PDL=pdl(qkv), launch_pdl=pdl(qkv))
+    _qk_norm_rope_store_kernel[(num_tokens,)](  # no tokens: no programs, nothing launched
+        qkv, q, q_norm, k_norm, cos_sin, positions, slot_mapping, k_cache, v_cache, eps, NUM_HEADS=num_heads,
+        NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_heads), HEAD_DIM=head_dim,
+        KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads), PDL=pdl(qkv), launch_pdl=pdl(qkv))
     return q
-
 
 @triton.jit
 def _load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_ptr, kv_pos, kv_mask, kv_head,
@@ -539,7 +504,6 @@ def _load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_ptr, kv_pos, kv_mask, kv
         k, v = k.to(tl.float32), v.to(tl.float32)
     return k, v
 
-
 @triton.jit
 def _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale):
     # q (M, D), k/v (N, D), allowed (M, N) or (1, N); row max m_i, row sum l_i (M,) in base 2; acc (M, D) unnormalised
@@ -550,7 +514,6 @@ def _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale):
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
     return m_new, l_i, acc
-
 
 @triton.jit(do_not_specialize=["block_tables_stride"])  # the table width changes from step to step
 def _prefill_attention_kernel(
@@ -588,7 +551,6 @@ def _prefill_attention_kernel(
     out_offs = (q_start + rows).to(tl.int64)[:, None] * (NUM_HEADS * HEAD_DIM) + head * HEAD_DIM + dims[None, :]
     tl.store(out_ptr + out_offs, acc / l_i[:, None], mask=row_mask[:, None])
 
-
 def prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q, out=None):
     (_, num_heads, head_dim), (_, block_size, num_kv_heads, _) = q.shape, k_cache.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
@@ -602,7 +564,6 @@ def prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tab
         block_tables.stride(0), NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=not q.is_cuda, num_warps=4)
     return out
-
 
 @triton.jit
 def _decode_attention_kernel(
@@ -663,11 +624,9 @@ def _decode_attention_kernel(
             out = tl.sum(split_acc * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
             tl.store(out_ptr + row * HEAD_DIM + dims, out)
 
-
 @functools.cache
 def split_counters(device):  # decode's merge counters, one per (sequence, kv head); each merge resets its own to 0
     return torch.zeros(1 << 16, dtype=torch.int32, device=device)
-
 
 def decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale, num_splits=None, out=None):
     (batch, num_heads, head_dim), (_, block_size, num_kv_heads, _) = q.shape, k_cache.shape
@@ -692,7 +651,6 @@ def decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale, num
         BLOCK_N=block_n, NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
         UPCAST=not q.is_cuda, num_warps=4, PDL=pdl(q), launch_pdl=pdl(q))
     return out
-
 
 def paged_attention(q, k_cache, v_cache, meta, scale):  # q (N, heads, hd) -> like q; new keys/values already cached
     args = (q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens, meta.block_tables, scale)
@@ -734,7 +692,6 @@ class Sequence:
     def is_finished(self):
         return self.finish_reason is not None
 
-
 @dataclass(eq=False)
 class Block:
     id: int
@@ -742,7 +699,6 @@ class Block:
     hash: int = -1          # -1: not published
     parent_hash: int = -1
     token_ids: tuple = ()
-
 
 class BlockManager:
     def __init__(self, num_blocks, block_size, enable_prefix_caching=True):
@@ -766,8 +722,7 @@ class BlockManager:
             block = self.hash_to_block.get(hash((parent, tokens)))
             if block is None or block.parent_hash != parent or block.token_ids != tokens:
                 break
-            if block.ref_count == 0:
-                del self.free[block.id]  # revived from the free list
+            self.free.pop(block.id, None)  # revived from the free list if no sequence held it
             block.ref_count += 1
             seq.block_table.append(block.id)
             parent = block.hash
@@ -838,9 +793,7 @@ class Scheduler:
 
     def schedule_running(self, seqs, budget):  # oldest first -> (batch, budget left: 0 once a sequence must wait)
         batch = []
-        for seq in seqs:
-            if not seq.running:
-                continue  # preempted just now by an older sequence
+        for seq in (s for s in seqs if s.running):  # tested lazily: skips one just preempted by an older sequence
             num_tokens = min(len(seq) - seq.num_computed_tokens, budget)
             if budget == 0:
                 return batch, 0
@@ -868,8 +821,7 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
 
-    def postprocess(self, batch, rows):
-        # rows: the sequences sampled, row by row; each one still running gets a placeholder that finish() replaces
+    def postprocess(self, batch, rows):  # rows: those sampled, in row order; each still running gets a placeholder
         for seq in batch:
             if seq.running:  # not finished while the step ran
                 seq.num_computed_tokens += seq.num_scheduled_tokens
@@ -902,7 +854,6 @@ def sample(logits, temperature, seeds, top_k=None, top_p=None):
         logits = filter_top_k_top_p(logits, temperature, top_k, top_p)
     return (sample_triton if logits.is_cuda else sample_reference)(logits, temperature, seeds)
 
-
 @compiled_on_gpu
 def filter_top_k_top_p(logits, temperature, top_k, top_p):  # -> logits, -inf outside each row's kept set
     # sort once; drop ranks >= top_k, then the tail past top_p of the renormalised rest
@@ -912,7 +863,6 @@ def filter_top_k_top_p(logits, temperature, top_k, top_p):  # -> logits, -inf ou
     dropped |= probs.cumsum(-1) - probs >= top_p.unsqueeze(1)  # the mass of the better tokens reached top_p
     return logits.masked_fill(torch.empty_like(dropped).scatter_(1, order, dropped), float("-inf"))
 
-
 def sample_reference(logits, temperature, seeds):
     # The exponential race: with E_i ~ Exp(1), argmax(p_i / E_i) is index i with probability p_i. In logs,
     # argmax(logits / T - log E) with E = -log U, U uniform in [0, 1) drawn from the row's seed.
@@ -920,7 +870,6 @@ def sample_reference(logits, temperature, seeds):
                            for s in seeds.tolist()]).to(logits.device)
     race = logits.float() / temperature.clamp(min=1e-6).unsqueeze(1) - (-uniform.log()).log()
     return torch.where(temperature == 0, logits.argmax(-1), race.argmax(-1)).int()
-
 
 @triton.jit
 def _sample_kernel(logits_ptr, temperature_ptr, seed_ptr, best_ptr, best_index_ptr, vocab, row_stride,
@@ -947,7 +896,6 @@ def _sample_kernel(logits_ptr, temperature_ptr, seed_ptr, best_ptr, best_index_p
     tl.store(best_ptr + row * tl.num_programs(1) + part, top)
     tl.store(best_index_ptr + row * tl.num_programs(1) + part, tl.min(tl.where(best == top, best_index, vocab), 0))
 
-
 def sample_triton(logits, temperature, seeds, part=8192, block=2048):
     rows, vocab = logits.shape
     parts = cdiv(vocab, part)  # the row is split so that even one row fills the GPU
@@ -956,7 +904,6 @@ def sample_triton(logits, temperature, seeds, part=8192, block=2048):
     _sample_kernel[(rows, parts)](logits, temperature, seeds, best, best_index, vocab, logits.stride(0),
                                   PART=part, BLOCK=min(block, part))
     return best_index.gather(1, best.argmax(1, keepdim=True)).squeeze(1)
-
 
 class ModelRunner:
     def __init__(self, config, tp=Parallel()):
@@ -970,7 +917,7 @@ class ModelRunner:
         self.kv_heads = hf.num_key_value_heads // tp.size
         self.block_bytes = (2 * hf.num_hidden_layers * self.block_size * self.kv_heads * hf.head_dim
                             * config.torch_dtype.itemsize)
-        self.graphs, self.max_graph_batch = {}, 0  # no CUDA graphs until capture_cudagraph()
+        self.graphs = {}  # batch size -> CUDA graph; none until capture_cudagraph()
         num_blocks = torch.tensor([config.num_kvcache_blocks or self.measure_kv_cache_blocks()], device=self.device)
         if tp.size > 1:  # every rank must agree: take the smallest
             dist.all_reduce(num_blocks, dist.ReduceOp.MIN, group=tp.group)
@@ -1078,8 +1025,8 @@ class ModelRunner:
             input_ids = torch.where(input_ids < 0, sampled[(-1 - input_ids).clamp(min=0)].int(), input_ids)
         meta = AttnMeta(slots, cu_seqlens_q, context_lens, tables.view(-1, width),
                         max_seqlen_q=max(b - a for a, b in itertools.pairwise(step["cu_seqlens_q"])))
-        graphed = meta.max_seqlen_q == 1 and len(input_ids) <= self.max_graph_batch
-        hidden = (self.replay if graphed else self.model)(input_ids, positions, meta)
+        graphed = meta.max_seqlen_q == 1 and len(input_ids) <= max(self.graphs, default=0)
+        hidden = (self.replay if graphed else self.model.model)(input_ids, positions, meta)
         return self.model.lm_head(hidden[rows])
 
     # ---- CUDA graphs: decode steps are replayed from graphs captured once per bucketed batch size
@@ -1099,13 +1046,12 @@ class ModelRunner:
         pool = torch.cuda.graph_pool_handle()  # one memory pool: captured largest first, smaller graphs reuse it
         for bs in reversed(self.graph_batch_sizes):
             meta = AttnMeta(v["slot_mapping"][:bs], v["cu_seqlens_q"][:bs + 1], v["context_lens"][:bs],
-                            v["block_tables"][:bs], max_seqlen_q=1)
-            v["hidden"][:bs] = self.model(v["input_ids"][:bs], v["positions"][:bs], meta)  # warm-up (Triton compile)
+                            v["block_tables"][:bs], max_seqlen_q=1)  # run once (Triton compiles), then captured
+            v["hidden"][:bs] = self.model.model(v["input_ids"][:bs], v["positions"][:bs], meta)
             self.graphs[bs] = graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool):
-                v["hidden"][:bs] = self.model(v["input_ids"][:bs], v["positions"][:bs], meta)
+                v["hidden"][:bs] = self.model.model(v["input_ids"][:bs], v["positions"][:bs], meta)
             torch.cuda.synchronize()
-        self.max_graph_batch = max_bs
 
     def replay(self, input_ids, positions, meta):
         bs, v = len(input_ids), self.graph_vars
@@ -1137,10 +1083,8 @@ def init_workers(config):
     finally:
         os.unlink(store)  # every rank has opened it by now (or failed)
 
-
 def init_parallel(device, tp_size, rank, init_method=None, world_size=None, local_rank=None):
-    # Joins the world (spawned here: tp_size ranks meeting at init_method; torchrun: world_size ranks through
-    # its env:// rendezvous) and returns this rank's tensor-parallel group: a run of tp_size consecutive ranks.
+    # spawned ranks meet at init_method, torchrun's (world_size) at env://; -> this rank's group, tp_size ranks in a row
     world_size, backend = world_size or tp_size, "nccl" if device == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(rank if local_rank is None else local_rank)
@@ -1151,7 +1095,6 @@ def init_parallel(device, tp_size, rank, init_method=None, world_size=None, loca
         group = dist.group.WORLD if tp_size == world_size else dist.new_group(ranks)  # one group: the world
         groups.append((group, group if backend == "gloo" else dist.new_group(ranks, backend="gloo")))
     return Parallel(rank % tp_size, tp_size, *groups[rank // tp_size], first=rank - rank % tp_size)
-
 
 def worker_main(config, rank, init_method, errors):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle; it ends the workers
@@ -1408,8 +1351,7 @@ def build_random_checkpoint(path, seed=0, dtype=torch.float32, **config):
     tokenizer.save_pretrained(path)
     eos = [tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")]
     torch.manual_seed(seed)
-    model = HFQwen3ForCausalLM(Qwen3Config(eos_token_id=eos, **config)).to(dtype)
-    model.generation_config.eos_token_id = eos
+    model = HFQwen3ForCausalLM(Qwen3Config(eos_token_id=eos, **config)).to(dtype)  # its generation_config too
     model.save_pretrained(path)
     return path
 
@@ -1463,9 +1405,7 @@ def run_job(llm, input_path, output_path, defaults, shard=(0, 1), use_tqdm=True)
             out.write((json.dumps(line) + "\n").encode())
         llm.run(list(jobs.values()), use_tqdm, on_finish=write)
 
-
 JOB_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "ignore_eos")
-
 
 def chat(llm, params, read=input):
     messages = []  # the conversation: each turn's prompt starts with the earlier turns, which the prefix cache serves
@@ -1497,13 +1437,10 @@ def main(argv=None):
     p.add_argument("--chat", action="store_true", help="chat template; without --prompt an interactive chat")
     p.add_argument("--input", help="JSONL job: one {id, prompt | messages, sampling fields} per line")
     p.add_argument("--output", help="JSONL results, appended as requests finish; a rerun resumes")
-    none_types = {"num_kvcache_blocks": int, "device": str, "seed": int}  # the fields whose default is None
-    for f in fields(Config)[1:] + fields(SamplingParams):  # flags named after vLLM's, defaults from the dataclasses
-        flag, kind = "--" + f.name.replace("_", "-"), none_types.get(f.name, type(f.default))
-        if kind is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)  # --x / --no-x
-        elif f.name != "stop_token_ids":  # the only field without a flag (besides model)
-            p.add_argument(flag, type=kind, default=f.default)
+    for f in [f for f in fields(Config)[1:] + fields(SamplingParams) if f.name != "stop_token_ids"]:  # vLLM's names
+        kind = getattr(f.type, "__args__", [f.type])[0]  # the annotation's type: X for X | None
+        how = dict(action=argparse.BooleanOptionalAction) if kind is bool else dict(type=kind)  # bool: --x / --no-x
+        p.add_argument("--" + f.name.replace("_", "-"), default=f.default, **how)  # defaults from the dataclasses
     args = p.parse_args(argv)
     if bool(args.input) != bool(args.output):
         p.error("--input and --output go together")
