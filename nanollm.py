@@ -239,12 +239,13 @@ def silu_and_mul(x):  # SwiGLU: x = [gate | up]
 def gpu(device):  # its properties, asked per kernel launch in eager steps: looked up once
     return torch.cuda.get_device_properties(device)
 
-def pdl(x):
+def pdl(x):  # -> the launch arguments: the kernel's PDL flag and the launch mode always agree
     # Programmatic dependent launch (Hopper on) for the kernels of one row's decode step, each a few microseconds: a
     # kernel launched with it may start while the one before it ends, hiding launch latency (at batch 256 it measured
     # 2% slower). Such a kernel calls gdc_launch_dependents() to let the next one start, and gdc_wait() before it
     # reads or writes what earlier kernels write: only weights and per-step constants may be read before.
-    return x.is_cuda and x.shape[0] == 1 and gpu(x.device).major >= 9
+    on = x.is_cuda and x.shape[0] == 1 and gpu(x.device).major >= 9
+    return dict(PDL=on, launch_pdl=on)
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, residual_ptr, summed_ptr, norm_ptr, eps, N, K,
@@ -277,12 +278,12 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, residual_ptr, summed_ptr, norm_ptr, eps,
     tl.store(out_ptr + cols, tl.sum(acc, 1).to(dtype), mask=cols < N)
 
 def gemv(x, weight, norm=None, residual=None, swiglu=False):  # x (1, K or 2K): see linear(); 2 outputs per program
-    (N, K), summed, chained = weight.shape, None if norm is None else torch.empty_like(x), pdl(x)
+    (N, K), summed = weight.shape, None if norm is None else torch.empty_like(x)
     out = torch.empty(1, N, dtype=x.dtype, device=x.device)
     _gemv_kernel[(cdiv(N, 2),)](
         x, weight, out, residual, summed, None if norm is None else norm.weight, 0.0 if norm is None else norm.eps,
-        N, K, PROLOGUE="swiglu" if swiglu else "none" if norm is None else "norm", BLOCK_N=2, PDL=chained,
-        BLOCK_K=triton.next_power_of_2(K) if norm else min(1024, triton.next_power_of_2(K)), launch_pdl=chained)
+        N, K, PROLOGUE="swiglu" if swiglu else "none" if norm is None else "norm", BLOCK_N=2, **pdl(x),
+        BLOCK_K=triton.next_power_of_2(K) if norm is not None else min(1024, triton.next_power_of_2(K)))
     return out if norm is None else (out, summed)
 
 def linear(x, weight, norm=None, residual=None, swiglu=False):
@@ -488,7 +489,7 @@ def qk_norm_rope_store(qkv, q_norm, k_norm, eps, positions, cos_sin, k_cache, v_
     _qk_norm_rope_store_kernel[(num_tokens,)](  # no tokens: no programs, nothing launched
         qkv, q, q_norm, k_norm, cos_sin, positions, slot_mapping, k_cache, v_cache, eps, NUM_HEADS=num_heads,
         NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_heads), HEAD_DIM=head_dim,
-        KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads), PDL=pdl(qkv), launch_pdl=pdl(qkv))
+        KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads), **pdl(qkv))
     return q
 
 @triton.jit
@@ -643,13 +644,14 @@ def decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale, num
     part_m = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)  # its own allocation: 16-byte aligned whatever the shape (one compiled kernel)
     part_acc = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
-    assert batch * num_kv_heads <= split_counters(q.device).numel()
+    counters = split_counters(q.device)
+    assert batch * num_kv_heads <= counters.numel()
     _decode_attention_kernel[(num_kv_heads, batch, num_splits)](  # programs start sequence by sequence
-        q, k_cache, v_cache, out, part_m, part_l, part_acc, split_counters(q.device), context_lens, block_tables,
+        q, k_cache, v_cache, out, part_m, part_l, part_acc, counters, context_lens, block_tables,
         scale * LOG2_E, q.stride(0), q.stride(1), block_tables.stride(0), NUM_KV_HEADS=num_kv_heads,
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n, NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
-        UPCAST=not q.is_cuda, num_warps=4, PDL=pdl(q), launch_pdl=pdl(q))
+        UPCAST=not q.is_cuda, num_warps=4, **pdl(q))
     return out
 
 def paged_attention(q, k_cache, v_cache, meta, scale):  # q (N, heads, hd) -> like q; new keys/values already cached
@@ -722,7 +724,8 @@ class BlockManager:
             block = self.hash_to_block.get(hash((parent, tokens)))
             if block is None or block.parent_hash != parent or block.token_ids != tokens:
                 break
-            self.free.pop(block.id, None)  # revived from the free list if no sequence held it
+            if block.ref_count == 0:
+                del self.free[block.id]  # revived from the free list
             block.ref_count += 1
             seq.block_table.append(block.id)
             parent = block.hash
@@ -793,7 +796,9 @@ class Scheduler:
 
     def schedule_running(self, seqs, budget):  # oldest first -> (batch, budget left: 0 once a sequence must wait)
         batch = []
-        for seq in (s for s in seqs if s.running):  # tested lazily: skips one just preempted by an older sequence
+        for seq in seqs:
+            if not seq.running:
+                continue  # preempted just now by an older sequence
             num_tokens = min(len(seq) - seq.num_computed_tokens, budget)
             if budget == 0:
                 return batch, 0
