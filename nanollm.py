@@ -36,6 +36,7 @@ import time
 import traceback
 from collections import OrderedDict, deque
 from dataclasses import dataclass, fields
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -94,6 +95,7 @@ class Config:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False         # True: no CUDA graphs
     device: str | None = None           # None: cuda if present, else cpu
+    dist_timeout_s: float = 600.0       # tensor parallelism: the longest wait for a rank or a collective
 
     def __post_init__(self):
         bs, blocks = self.kvcache_block_size, self.num_kvcache_blocks
@@ -105,7 +107,8 @@ class Config:
                                ("max_num_batched_tokens", self.max_num_batched_tokens >= 1, ">= 1"),
                                ("gpu_memory_utilization", 0 < self.gpu_memory_utilization <= 1, "in (0, 1]"),
                                ("kvcache_block_size", bs >= 16 and bs & (bs - 1) == 0, "a power of two >= 16"),
-                               ("num_kvcache_blocks", blocks is None or blocks >= 1, ">= 1 or None")]:
+                               ("num_kvcache_blocks", blocks is None or blocks >= 1, ">= 1 or None"),
+                               ("dist_timeout_s", self.dist_timeout_s > 0, "> 0")]:
             if not ok:
                 raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -1070,41 +1073,60 @@ class ModelRunner:
 
 # -----------------------------------------------------------------------------
 # Tensor-parallel launcher
-# LLM(tensor_parallel_size=N) spawns ranks 1..N-1 with torch.multiprocessing. They meet rank 0 at a FileStore in a fresh
-# temporary file (no port or shared-memory name: engines never collide), build their model shard and run
-# ModelRunner.loop(). Collectives use NCCL on GPUs, gloo on CPUs; commands travel on a gloo group. A failing worker
-# queues its traceback and exits; rank 0 then fails its next collective, ends every worker and raises that traceback.
+# LLM(tensor_parallel_size=N) spawns ranks 1..N-1 with torch.multiprocessing. They meet rank 0 at a TCP store on a
+# loopback port the OS picks (none is hard-coded, so engines never collide, and there is no file to clean up), build
+# their model shard and run ModelRunner.loop(). Collectives use NCCL on GPUs, gloo on CPUs; commands travel on a gloo
+# group. The store lives as long as the process group: NCCL connects lazily, through the store, at its first
+# collective, and so does every group made later. A failing worker queues its traceback and exits; rank 0 then fails
+# its next collective, ends every worker and raises that traceback. Nothing waits forever: a rank that does not come
+# is reported after dist_timeout_s, one that ends during start-up at once, and a model collective that cannot
+# complete fails after dist_timeout_s (on GPUs NCCL's watchdog then ends the process).
+IDLE_TIMEOUT = timedelta(days=30)  # commands (an idle chat) and data-parallel results (uneven jobs) may be far apart
 
-def init_workers(config):
+def spawn_workers(config):  # -> ranks 1..N-1's processes, the queue of their tracebacks, rank 0's rendezvous store
     ctx = torch.multiprocessing.get_context("spawn")
-    store = tempfile.NamedTemporaryFile(prefix="nanollm-rendezvous-", delete=False).name
+    store = dist.TCPStore("127.0.0.1", 0, config.tensor_parallel_size, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=config.dist_timeout_s))
     errors = ctx.SimpleQueue()
-    workers = [ctx.Process(target=worker_main, args=(config, rank, f"file://{store}", errors), daemon=True)
+    workers = [ctx.Process(target=worker_main, args=(config, rank, store.port, errors), daemon=True)
                for rank in range(1, config.tensor_parallel_size)]
     for w in workers:
         w.start()
-    try:
-        return init_parallel(config.device, config.tensor_parallel_size, 0, f"file://{store}"), workers, errors
-    finally:
-        os.unlink(store)  # every rank has opened it by now (or failed)
+    return workers, errors, store
 
-def init_parallel(device, tp_size, rank, init_method=None, world_size=None, local_rank=None):
-    # spawned ranks meet at init_method, torchrun's (world_size) at env://; -> this rank's group, tp_size ranks in a row
-    world_size, backend = world_size or tp_size, "nccl" if device == "cuda" else "gloo"
+def join_workers(config, workers, store):  # rank 0: waits for every spawned rank at the store, watching them
+    deadline = time.monotonic() + config.dist_timeout_s
+    while not store.check([f"joined/{rank}" for rank in range(1, config.tensor_parallel_size)]):
+        for rank, w in enumerate(workers, 1):
+            if not w.is_alive():
+                raise RuntimeError(f"tensor-parallel rank {rank} ended during start-up (exit code {w.exitcode})")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"tensor-parallel ranks did not reach the rendezvous in {config.dist_timeout_s} s")
+        time.sleep(0.01)
+    return init_parallel(config, 0, store)
+
+def init_parallel(config, rank, store=None, world_size=None, local_rank=None):
+    # spawned ranks meet at rank 0's store, torchrun's (world_size) at env://; -> this rank's group (tp_size ranks)
+    tp_size, backend = config.tensor_parallel_size, "nccl" if config.device == "cuda" else "gloo"
+    world_size = world_size or tp_size
     if backend == "nccl":
         torch.cuda.set_device(rank if local_rank is None else local_rank)
-    dist.init_process_group(backend, init_method=init_method, world_size=world_size, rank=rank)
+    dist.init_process_group(backend, store=store, world_size=world_size, rank=rank,
+                            timeout=timedelta(seconds=config.dist_timeout_s))
     groups = []  # (group, control) of each tensor-parallel group; every rank creates all of them, in the same order
     for first in range(0, world_size, tp_size):
         ranks = list(range(first, first + tp_size))
         group = dist.group.WORLD if tp_size == world_size else dist.new_group(ranks)  # one group: the world
-        groups.append((group, group if backend == "gloo" else dist.new_group(ranks, backend="gloo")))
+        groups.append((group, dist.new_group(ranks, backend="gloo", timeout=IDLE_TIMEOUT)))
     return Parallel(rank % tp_size, tp_size, *groups[rank // tp_size], first=rank - rank % tp_size)
 
-def worker_main(config, rank, init_method, errors):
+def worker_main(config, rank, port, errors):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle; it ends the workers
     try:
-        ModelRunner(config, init_parallel(config.device, config.tensor_parallel_size, rank, init_method)).loop()
+        store = dist.TCPStore("127.0.0.1", port, config.tensor_parallel_size,
+                              timeout=timedelta(seconds=config.dist_timeout_s))
+        store.set(f"joined/{rank}", "")
+        ModelRunner(config, init_parallel(config, rank, store)).loop()
         dist.destroy_process_group()
     except BaseException:
         errors.put(f"tensor-parallel rank {rank} failed:\n{traceback.format_exc()}")
@@ -1124,8 +1146,10 @@ class LLM:
         self.requests = {}  # id -> Sequence, until it finishes or is aborted
         self.pending = None  # the last step's sampled ids on their way to the host (see step())
         if parallel is None and config.tensor_parallel_size > 1:
-            parallel, self.workers, self.errors = init_workers(config)
+            self.workers, self.errors, store = spawn_workers(config)
         try:
+            if self.workers:
+                parallel = join_workers(config, self.workers, store)
             self.runner = ModelRunner(config, parallel or Parallel())
         except BaseException as e:
             self.exit(e)
@@ -1155,9 +1179,13 @@ class LLM:
         self.requests.clear()
         for w in workers:
             w.join(timeout=0.5 if abrupt else 5)
+        # a worker's traceback, or the exit code of one that ended by itself without a word (killed, say)
+        ended = [f"tensor-parallel rank {rank} ended with exit code {w.exitcode}"
+                 for rank, w in enumerate(workers, 1) if w.exitcode not in (None, 0)]
+        for w in workers:
             w.terminate()  # no-op for a worker that has ended
             w.join()
-        worker_error = self.errors.get() if workers and not self.errors.empty() else None
+        worker_error = self.errors.get() if workers and not self.errors.empty() else next(iter(ended), None)
         if workers and dist.is_initialized():
             dist.destroy_process_group()
         if worker_error:
@@ -1461,8 +1489,9 @@ def main(argv=None):
         tp, rank = config.tensor_parallel_size, int(os.environ["RANK"])
         if world % tp:
             raise ValueError(f"torchrun world size {world} is not a multiple of tensor_parallel_size {tp}")
-        parallel = init_parallel(config.device, tp, rank, world_size=world, local_rank=int(os.environ["LOCAL_RANK"]))
+        parallel = init_parallel(config, rank, world_size=world, local_rank=int(os.environ["LOCAL_RANK"]))
         dp_rank, dp_size = rank // tp, world // tp
+        results_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)  # for the gather at the end
     prompts, results = [], None
     if parallel is not None and parallel.rank != 0:  # a tensor-parallel rank: serve its group's first rank
         ModelRunner(config, parallel).loop()
@@ -1480,7 +1509,7 @@ def main(argv=None):
                 results = llm.generate(prompts[dp_rank::dp_size], params)  # group g takes prompts g, g+dp, ...
     if dp_size > 1:  # gather every group's results on rank 0, back in prompt order
         gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-        dist.gather_object(results, gathered, dst=0)
+        dist.gather_object(results, gathered, dst=0, group=results_group)
         by_group = [g for g in gathered or [] if g is not None]
         results = [by_group[i % dp_size][i // dp_size] for i in range(len(prompts))] if by_group else None
         dist.destroy_process_group()

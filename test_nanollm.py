@@ -1,9 +1,11 @@
 """nanollm's tests: every path against an independent reference (HF transformers, plain torch) or an exact
 invariant. CPU by default; tests marked `cuda` run on a GPU and skip without one."""
 import json
+import multiprocessing
 import os
 import random
 import shutil
+import tempfile
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 
 # tiny random Qwen3s: GQA ratio 2 untied, GQA ratio 4 tied
 CHECKPOINTS = {
@@ -41,6 +44,14 @@ def hf_models(checkpoints):
     from transformers import AutoModelForCausalLM
     return {name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
             for name, path in checkpoints.items()}
+
+
+@pytest.fixture(scope="session")
+def realistic(tmp_path_factory):  # for GPU tests: head_dim 128 and hidden 256, as real attention runs them
+    from transformers import AutoModelForCausalLM
+    path = build_random_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "realistic"), hidden_size=256,
+                                   intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=128)
+    return path, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def hf_greedy(hf, prompt, max_tokens):
@@ -635,21 +646,22 @@ def test_kernels_at_real_shapes(dtype, block_size, head_dim):
 
 
 @cuda
-def test_gpu_end_to_end_fp32_with_cuda_graphs(checkpoints, hf_models):
+@pytest.mark.parametrize("name", ["gqa4-tied", "realistic"])
+def test_gpu_end_to_end_fp32_with_cuda_graphs(checkpoints, hf_models, request, name):
     # fp32 on the GPU, Triton kernels and CUDA graphs on: greedy tokens equal HF's, with a prefix-cache
-    # hit and preemption in the same run
-    name = "gqa4-tied"
+    # hit and preemption in the same run; at head_dim 16 (tiny) and 128 (realistic)
+    path, hf = request.getfixturevalue(name) if name == "realistic" else (checkpoints[name], hf_models[name])
     prefix = random_prompts([40], seed=12)[0]
     prompts = random_prompts([1, 15, 16, 17, 33, 70], seed=13) + [prefix + [1], prefix + [2, 3]]
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
-    llm = LLM(checkpoints[name], device="cuda", dtype="float32", kvcache_block_size=16, num_kvcache_blocks=14)
+    llm = LLM(path, device="cuda", dtype="float32", kvcache_block_size=16, num_kvcache_blocks=14)
     assert llm.runner.graphs  # decode replays CUDA graphs
     alone = llm.generate([prefix], params, use_tqdm=False)[0]  # one sequence: the one-row GEMV path
-    assert alone["token_ids"] == hf_greedy(hf_models[name], prefix, params.max_tokens)
+    assert alone["token_ids"] == hf_greedy(hf, prefix, params.max_tokens)
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert llm.stats["preemptions"] > 0 and llm.stats["cached_prompt_tokens"] >= 2 * 32
     for prompt, out in zip(prompts, outs):
-        assert out["token_ids"] == hf_greedy(hf_models[name], prompt, params.max_tokens)
+        assert out["token_ids"] == hf_greedy(hf, prompt, params.max_tokens)
     assert_all_blocks_free(llm)
 
 
@@ -695,11 +707,84 @@ def test_worker_error_ends_every_process(checkpoints):
         llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)
 
 
+def test_a_killed_worker_is_reported(checkpoints):
+    llm = LLM(checkpoints["gqa2-untied"], device="cpu", tensor_parallel_size=2, kvcache_block_size=16,
+              num_kvcache_blocks=64, dist_timeout_s=60)
+    workers = list(llm.workers)
+    os.kill(workers[0].pid, 9)  # no traceback: rank 0's next collective fails, and the exit code says why
+    workers[0].join()
+    with pytest.raises(RuntimeError, match="rank 1 ended with exit code -9"):
+        llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)
+    assert not multiprocessing.active_children() and not torch.distributed.is_initialized()
+
+
+def all_reduce_in_a_new_group(runner):  # for collective_rpc
+    # A group made after start-up meets through the rendezvous store, as NCCL's lazily connecting communicators do at
+    # their first collective: this fails (or waits) if the store is gone once start-up is over.
+    group = torch.distributed.new_group(backend="gloo")
+    x = torch.tensor([runner.tp.rank + 1])
+    torch.distributed.all_reduce(x, group=group)
+    return x.item()
+
+
+def test_rendezvous_outlives_start_up(checkpoints):
+    with LLM(checkpoints["gqa2-untied"], device="cpu", tensor_parallel_size=2, kvcache_block_size=16,
+             num_kvcache_blocks=64, dist_timeout_s=60) as llm:
+        assert llm.collective_rpc(all_reduce_in_a_new_group) == [3, 3]
+        workers = list(llm.workers)
+    assert not any(w.is_alive() for w in workers) and not torch.distributed.is_initialized()
+
+
+def exit_at_once(config, rank, port, errors):  # stands in for worker_main: a rank that dies before the rendezvous
+    os._exit(3)
+
+
+def never_come(config, rank, port, errors):  # stands in for worker_main: a rank that never reaches the rendezvous
+    import time
+    time.sleep(3600)
+
+
+@pytest.mark.parametrize("worker, error", [(exit_at_once, "rank 1 ended .*exit code 3"),
+                                           (never_come, "did not reach the rendezvous in 5 s")])
+def test_a_rank_that_fails_to_start_is_reported(checkpoints, monkeypatch, worker, error):
+    monkeypatch.setattr(nanollm, "worker_main", worker)
+    with pytest.raises((RuntimeError, TimeoutError), match=error):
+        LLM(checkpoints["gqa2-untied"], device="cpu", tensor_parallel_size=2, dist_timeout_s=5)
+    assert not multiprocessing.active_children() and not torch.distributed.is_initialized()
+    monkeypatch.undo()
+    with LLM(checkpoints["gqa2-untied"], device="cpu", tensor_parallel_size=2, kvcache_block_size=16,
+             num_kvcache_blocks=64) as llm:  # the next engine starts as usual
+        assert llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0]["token_ids"]
+
+
+@two_gpus
+def test_two_gpu_tensor_parallel_equals_one_gpu(realistic):
+    # NCCL connects at the first collective, after start-up: the case the CPU tests (gloo) cannot show
+    path, hf = realistic
+    prompts = random_prompts([1, 17, 33, 70, 130], seed=15)
+    greedy = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    seeded = [SamplingParams(temperature=1.0, seed=s, max_tokens=30, ignore_eos=True) for s in range(len(prompts))]
+    files_before = set(os.listdir(tempfile.gettempdir()))
+    results = {}
+    for tp in (1, 2):
+        with LLM(path, device="cuda", dtype="float32", tensor_parallel_size=tp, kvcache_block_size=16,
+                 num_kvcache_blocks=64, dist_timeout_s=120) as llm:
+            assert llm.runner.graphs  # decode replays CUDA graphs on every rank
+            results[tp] = (llm.generate(prompts, greedy, use_tqdm=False), llm.generate(prompts, seeded, use_tqdm=False))
+        assert not multiprocessing.active_children() and not torch.distributed.is_initialized()
+    assert results[2] == results[1]
+    for prompt, out in zip(prompts, results[1][0]):
+        assert out["token_ids"] == hf_greedy(hf, prompt, greedy.max_tokens)
+    assert not [f for f in set(os.listdir(tempfile.gettempdir())) - files_before if "nanollm" in f]
+
+
 def test_parallel_config_errors(checkpoints):
     with pytest.raises(ValueError, match="must divide the heads"):
         LLM(checkpoints["gqa2-untied"], device="cpu", tensor_parallel_size=3)
     with pytest.raises(ValueError, match="GPUs present"):
         LLM(checkpoints["gqa2-untied"], device="cuda", tensor_parallel_size=torch.cuda.device_count() + 1)
+    with pytest.raises(ValueError, match="dist_timeout_s must be > 0"):
+        LLM(checkpoints["gqa2-untied"], device="cpu", tensor_parallel_size=2, dist_timeout_s=0)
 
 
 def run_cli(*args, torchrun=0, timeout=300):
