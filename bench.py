@@ -4,6 +4,7 @@ bench.py: nanollm's throughput against the physical floor of the same work (a be
   python bench.py                      # nano-vllm's workload: 256 sequences, random Qwen3-0.6B shape (bf16)
   python bench.py --single-stream      # one sequence, 1,024 new tokens
   python bench.py --gpu-memory-gb 8    # the whole engine capped at 8 GB
+  python bench.py --shape qwen3-8b     # another checkpoint's shape (see SHAPES)
   python bench.py --engine hf --num-seqs 64   # HF transformers' continuous batching, same workload
 
 Warm-up is kept out of the timed region; the last line printed is JSON.
@@ -22,18 +23,29 @@ import torch
 
 from nanollm import LLM, SamplingParams, build_random_checkpoint
 
-QWEN3_0_6B = dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-                  head_dim=128, intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True,
-                  max_position_embeddings=40960, rope_theta=1000000, rms_norm_eps=1e-6)
+# --shape NAME: the architecture and config.json fields of a public checkpoint, built with random weights
+SHAPES = {
+    "qwen3-0.6b": ("Qwen3ForCausalLM", dict(
+        hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+        intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=40960,
+        rope_theta=1000000, rms_norm_eps=1e-6)),
+    "qwen3-8b": ("Qwen3ForCausalLM", dict(
+        hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+        intermediate_size=12288, vocab_size=151936, tie_word_embeddings=False, max_position_embeddings=40960,
+        rope_theta=1000000, rms_norm_eps=1e-6)),
+}
 
 
-def default_model_dir():
+def default_model_dir(shape, num_layers=None):
+    architecture, config = SHAPES[shape]
+    if num_layers:  # fewer layers: a model too large for the disk, at the same speed per layer
+        config, shape = config | dict(num_hidden_layers=num_layers), f"{shape}-{num_layers}-layers"
     root = os.environ.get("NANOLLM_CACHE", os.path.expanduser("~/.cache/nanollm"))
-    path = Path(root) / "qwen3-0.6b-random"
+    path = Path(root) / f"{shape}-random"
     if not (path / "config.json").exists():  # built aside, then renamed: never a half-written cache
-        print(f"building a random-weight Qwen3-0.6B checkpoint in {path} (once) ...", flush=True)
+        print(f"building a random-weight {shape} checkpoint in {path} (once) ...", flush=True)
         tmp = path.with_name(path.name + ".tmp")
-        build_random_checkpoint(str(tmp), dtype=torch.bfloat16, **QWEN3_0_6B)
+        build_random_checkpoint(str(tmp), dtype=torch.bfloat16, architecture=architecture, **config)
         tmp.rename(path)
     return str(path)
 
@@ -178,7 +190,9 @@ def main():
     parser.add_argument("--num-seqs", type=int, default=256)
     parser.add_argument("--max-input-len", type=int, default=1024)
     parser.add_argument("--max-output-len", type=int, default=1024)
-    parser.add_argument("--model", default=None, help="checkpoint dir (default: random Qwen3-0.6B, built once)")
+    parser.add_argument("--model", default=None, help="checkpoint dir (default: a random --shape, built once)")
+    parser.add_argument("--shape", choices=SHAPES, default="qwen3-0.6b", help="the random checkpoint's shape")
+    parser.add_argument("--num-layers", type=int, default=None, help="the random checkpoint's layers (default: all)")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--gpu-memory-gb", type=float, default=None)
@@ -187,7 +201,7 @@ def main():
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model_dir = args.model or default_model_dir()
+    model_dir = args.model or default_model_dir(args.shape, args.num_layers)
 
     # Workload (same random stream as nano-vllm's bench.py).
     seed(0)

@@ -1368,9 +1368,9 @@ class LLM:
 # -----------------------------------------------------------------------------
 # A tiny random-weight Qwen3 with its own tokenizer: the offline demo, and the checkpoints tests use
 
-def build_random_checkpoint(path, seed=0, dtype=torch.float32, **config):
+def build_random_checkpoint(path, seed=0, dtype=torch.float32, architecture="Qwen3ForCausalLM", **config):
+    import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM as HFQwen3ForCausalLM
     config = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, tie_word_embeddings=False) | config
     tok = Tokenizer(models.BPE())
@@ -1378,13 +1378,15 @@ def build_random_checkpoint(path, seed=0, dtype=torch.float32, **config):
     tok.train_from_iterator([__doc__] * 4, trainers.BpeTrainer(
         vocab_size=min(config["vocab_size"], 1000), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                                     pad_token="<|endoftext|>")
     tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     tokenizer.save_pretrained(path)
     eos = [tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")]
     torch.manual_seed(seed)
-    model = HFQwen3ForCausalLM(Qwen3Config(eos_token_id=eos, **config)).to(dtype)  # its generation_config too
+    config_class = getattr(transformers, architecture.replace("ForCausalLM", "Config"))  # Qwen3Config, ...
+    model = getattr(transformers, architecture)(config_class(eos_token_id=eos, **config)).to(dtype)  # + generation cfg
     model.save_pretrained(path)
     return path
 
