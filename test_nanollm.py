@@ -744,12 +744,13 @@ def never_come(config, rank, port, errors):  # stands in for worker_main: a rank
     time.sleep(3600)
 
 
-@pytest.mark.parametrize("worker, error", [(exit_at_once, "rank 1 ended .*exit code 3"),
-                                           (never_come, "did not reach the rendezvous in 5 s")])
-def test_a_rank_that_fails_to_start_is_reported(checkpoints, monkeypatch, worker, error):
+# a spawned rank imports torch and this module first (seconds, more with CUDA): the dying one gets time to die
+@pytest.mark.parametrize("worker, timeout, error", [(exit_at_once, 120, "rank 1 ended .*exit code 3"),
+                                                    (never_come, 5, "did not reach the rendezvous in 5 s")])
+def test_a_rank_that_fails_to_start_is_reported(checkpoints, monkeypatch, worker, timeout, error):
     monkeypatch.setattr(nanollm, "worker_main", worker)
     with pytest.raises((RuntimeError, TimeoutError), match=error):
-        LLM(checkpoints["gqa2-untied"], device="cpu", tensor_parallel_size=2, dist_timeout_s=5)
+        LLM(checkpoints["gqa2-untied"], device="cpu", tensor_parallel_size=2, dist_timeout_s=timeout)
     assert not multiprocessing.active_children() and not torch.distributed.is_initialized()
     monkeypatch.undo()
     with LLM(checkpoints["gqa2-untied"], device="cpu", tensor_parallel_size=2, kvcache_block_size=16,
