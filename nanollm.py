@@ -72,31 +72,22 @@ def load_model_config(path):  # config.json as a namespace under HF's names, plu
         raise ValueError(f"unsupported rope scaling {rope!r}: only plain RoPE is implemented")
     if c.get("attention_bias") or c.get("use_sliding_window"):
         raise ValueError("unsupported Qwen3 variant: attention_bias and sliding windows are not implemented")
+    # Qwen3-MoE: transformers 5 writes num_experts as num_local_experts; 0 experts is a dense model
+    experts, top_k = c.setdefault("num_experts", c.get("num_local_experts", 0)), c.setdefault("num_experts_per_tok", 8)
+    step, act = c.get("decoder_sparse_step", 1), c.get("hidden_act", "silu")
+    if experts and not (0 < top_k <= experts and step > 0 and act == "silu"):
+        raise ValueError(f"unsupported MoE config: {top_k} of {experts} experts per token, decoder_sparse_step {step}, "
+                         f"hidden_act {act!r} (supported: 1 <= num_experts_per_tok <= num_experts, step >= 1, silu)")
     eos = c.get("eos_token_id")
     if Path(path, "generation_config.json").is_file():  # its eos ids win
         eos = json.loads(Path(path, "generation_config.json").read_text()).get("eos_token_id", eos)
     defaults = dict(num_key_value_heads=c["num_attention_heads"], head_dim=c["hidden_size"] // c["num_attention_heads"],
-                    rms_norm_eps=1e-6, max_position_embeddings=40960, tie_word_embeddings=False)
+                    rms_norm_eps=1e-6, max_position_embeddings=40960, tie_word_embeddings=False, hidden_act="silu",
+                    norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[], moe_intermediate_size=768)
     return SimpleNamespace(**{**defaults, **{k: v for k, v in c.items() if v is not None},
                               "rope_theta": rope.get("rope_theta", c.get("rope_theta", 10000.0)),
-                              "dtype": getattr(torch, c.get("dtype") or c.get("torch_dtype") or "bfloat16"), **moe_fields(c),
+                              "dtype": getattr(torch, c.get("dtype") or c.get("torch_dtype") or "bfloat16"),
                               "eos_token_ids": tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])})
-
-def moe_fields(c):  # Qwen3-MoE's config.json fields, checked; a dense model has none and 0 experts
-    num_experts = c.get("num_experts", c.get("num_local_experts", 0))  # transformers 5 writes num_local_experts
-    if not num_experts:
-        return dict(num_experts=0)
-    moe = dict(num_experts=num_experts, num_experts_per_tok=c.get("num_experts_per_tok", 8),
-               norm_topk_prob=c.get("norm_topk_prob", False), decoder_sparse_step=c.get("decoder_sparse_step", 1),
-               mlp_only_layers=c.get("mlp_only_layers") or [], moe_intermediate_size=c.get("moe_intermediate_size"))
-    for name, ok, rule in [("num_experts_per_tok", 1 <= moe["num_experts_per_tok"] <= num_experts,
-                            f"in [1, num_experts={num_experts}]"),
-                           ("decoder_sparse_step", moe["decoder_sparse_step"] >= 1, ">= 1"),
-                           ("moe_intermediate_size", (moe["moe_intermediate_size"] or 0) >= 1, ">= 1"),
-                           ("hidden_act", c.get("hidden_act", "silu") == "silu", "silu (SwiGLU experts)")]:
-        if not ok:
-            raise ValueError(f"unsupported MoE config: {name} must be {rule}, got {moe.get(name, c.get(name))!r}")
-    return moe
 
 @dataclass
 class Config:
@@ -174,32 +165,28 @@ class Parallel:
     first: int = 0          # the global rank of the group's rank 0
 
 class MergedColumnParallelLinear(nn.Module):  # W = [this rank's rows of q | of k | of v] (or gate | up): one matmul
-    # out_features: one size per part. num_experts: one such W per expert, stacked (E, rows, in_features); the MoE
-    # block computes with them (fused_moe), this module only holds and loads them
-    def __init__(self, in_features, out_features, tp, num_experts=None):
+    # out_features: one size per part. experts=(E,): one such W per expert, stacked (E, rows, in_features); the MoE
+    # block computes with them (fused_moe), this module holds and loads them (each expert's as a W of its own)
+    def __init__(self, in_features, out_features, tp, experts=()):
         super().__init__()
         self.tp, self.rows = tp, [n // tp.size for n in out_features]
-        experts = () if num_experts is None else (num_experts,)
         self.weight = nn.Parameter(torch.empty(*experts, sum(self.rows), in_features), requires_grad=False)
 
-    def weight_loader(self, param, loaded, part, expert=None):  # expert: loaded is that expert's matrix
+    def weight_loader(self, param, loaded, part):
         start, rows = sum(self.rows[:part]), self.rows[part]
-        shard = param.data if expert is None else param.data[expert]
-        shard[start:start + rows].copy_(loaded.narrow(0, self.tp.rank * rows, rows))
+        param.data[start:start + rows].copy_(loaded.narrow(0, self.tp.rank * rows, rows))
 
     def forward(self, x, norm=None, residual=None):  # a norm: -> (self(norm(x, residual)), x + residual)
         return linear(x, self.weight, norm, residual)
 
 class RowParallelLinear(nn.Module):  # y = x @ W.T, W's input columns split: each rank's partial sum is all-reduced
-    def __init__(self, in_features, out_features, tp, num_experts=None):  # num_experts: as in the column-parallel one
+    def __init__(self, in_features, out_features, tp, experts=()):  # experts: as in MergedColumnParallelLinear
         super().__init__()
-        experts = () if num_experts is None else (num_experts,)
         self.tp = tp
         self.weight = nn.Parameter(torch.empty(*experts, out_features, in_features // tp.size), requires_grad=False)
 
-    def weight_loader(self, param, loaded, expert=None):
-        shard = param.data if expert is None else param.data[expert]
-        shard.copy_(loaded.narrow(1, self.tp.rank * shard.shape[1], shard.shape[1]))  # this rank's columns
+    def weight_loader(self, param, loaded):
+        param.data.copy_(loaded.narrow(1, self.tp.rank * param.shape[1], param.shape[1]))  # this rank's columns
 
     def forward(self, x, swiglu=False):  # swiglu: x = [gate | up], multiplied after SwiGLU
         y = linear(x, self.weight, swiglu=swiglu)
@@ -367,18 +354,16 @@ class Qwen3MoeSparseMoeBlock(nn.Module):
         super().__init__()
         self.tp, self.top_k, self.norm_topk_prob = tp, cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)  # the router: whole on every rank
-        # every expert's gate|up and down, stacked: each rank holds its slice of every expert's intermediate dim
-        size = cfg.moe_intermediate_size
+        # every expert's gate|up and down, stacked; each rank holds its slice of every expert's intermediate dim
+        size, experts = cfg.moe_intermediate_size, (cfg.num_experts,)
         self.experts = nn.ModuleDict(dict(
-            gate_up_proj=MergedColumnParallelLinear(cfg.hidden_size, [size] * 2, tp, num_experts=cfg.num_experts),
-            down_proj=RowParallelLinear(size, cfg.hidden_size, tp, num_experts=cfg.num_experts)))
+            gate_up_proj=MergedColumnParallelLinear(cfg.hidden_size, [size] * 2, tp, experts),
+            down_proj=RowParallelLinear(size, cfg.hidden_size, tp, experts)))
 
     def forward(self, x, residual, norm):  # -> (output, x + residual)
         x, residual = norm(x, residual)
-        probs = F.linear(x, self.gate.weight).softmax(-1, dtype=torch.float)
-        weights, ids = probs.topk(self.top_k, -1)  # (N, top_k) each
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(-1, keepdim=True)
+        weights, ids = self.gate(x).softmax(-1, dtype=torch.float).topk(self.top_k, -1)  # (N, top_k) each
+        weights = weights / weights.sum(-1, keepdim=True) if self.norm_topk_prob else weights  # renormalised
         moe = fused_moe if x.is_cuda else fused_moe_reference  # Triton or plain torch
         y = moe(x, self.experts.gate_up_proj.weight, self.experts.down_proj.weight, weights.to(x.dtype), ids)
         if self.tp.size > 1:
@@ -409,21 +394,19 @@ def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, pairs_ptr, tile_experts_ptr, weights
         return
     pairs = tl.load(pairs_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M))
     valid = pairs < num_pairs
-    rows = (pairs // TOP_K if SWIGLU else pairs).to(tl.int64)
     cols = col * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rows[:, None] * K + ks[None, :]
+    a_ptrs = a_ptr + (pairs // TOP_K if SWIGLU else pairs).to(tl.int64)[:, None] * K + ks[None, :]  # token's or pair's
     w_ptrs = w_ptr + expert.to(tl.int64) * (2 * N if SWIGLU else N) * K + cols[None, :] * K + ks[:, None]  # W.T tile
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)  # SwiGLU's up
     for k0 in range(0, K, BLOCK_K):
-        k_mask = k0 + ks < K
-        a = tl.load(a_ptrs + k0, mask=valid[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptrs + k0, mask=k_mask[:, None] & (cols[None, :] < N), other=0.0)
+        a = tl.load(a_ptrs + k0, mask=valid[:, None] & (k0 + ks < K)[None, :], other=0.0)
+        w = tl.load(w_ptrs + k0, mask=(cols[None, :] < N) & (k0 + ks < K)[:, None], other=0.0)
         a, w = (a.to(tl.float32), w.to(tl.float32)) if UPCAST else (a, w)
         acc = tl.dot(a, w, acc, input_precision="ieee")
         if SWIGLU:  # the up rows sit N rows below the gate rows
-            up = tl.load(w_ptrs + N * K + k0, mask=k_mask[:, None] & (cols[None, :] < N), other=0.0)
+            up = tl.load(w_ptrs + N * K + k0, mask=(cols[None, :] < N) & (k0 + ks < K)[:, None], other=0.0)
             acc_up = tl.dot(a, up.to(tl.float32) if UPCAST else up, acc_up, input_precision="ieee")
     dtype = out_ptr.dtype.element_ty  # rounded where the reference rounds: each matmul, silu, each product
     acc = acc.to(dtype).to(tl.float32)
@@ -431,8 +414,8 @@ def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, pairs_ptr, tile_experts_ptr, weights
         acc = (acc / (1 + tl.exp(-acc))).to(dtype).to(tl.float32) * acc_up.to(dtype).to(tl.float32)
     else:
         acc = acc * tl.load(weights_ptr + pairs, mask=valid, other=0.0).to(tl.float32)[:, None]
-    out_ptrs = out_ptr + pairs.to(tl.int64)[:, None] * N + cols[None, :]
-    tl.store(out_ptrs, acc.to(dtype), mask=valid[:, None] & (cols[None, :] < N))
+    out_offs = pairs.to(tl.int64)[:, None] * N + cols[None, :]
+    tl.store(out_ptr + out_offs, acc.to(dtype), mask=valid[:, None] & (cols[None, :] < N))
 
 def fused_moe(x, gate_up, down, weights, ids):  # Triton: fused_moe_reference's sums, computed expert by expert in tiles
     (num_tokens, top_k), (num_experts, _, hidden), device = ids.shape, gate_up.shape, x.device
@@ -444,30 +427,27 @@ def fused_moe(x, gate_up, down, weights, ids):  # Triton: fused_moe_reference's 
     flat = ids.flatten()
     counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(0, flat, torch.ones_like(flat))
     padded = cdiv(counts, block_m) * block_m
-    order = flat.argsort(stable=True)  # pair indices, by expert
-    expert = flat[order]
-    slots = (padded.cumsum(0) - padded)[expert] + torch.arange(num_pairs, device=device) - (counts.cumsum(0) - counts)[expert]
+    expert, order = flat.sort(stable=True)  # the pairs' experts in order, and the pairs (their indices) in that order
     max_tiles = cdiv(num_pairs + min(num_experts, num_pairs) * (block_m - 1), block_m)
     pairs = torch.full((max_tiles * block_m,), num_pairs, dtype=torch.int32, device=device)
-    pairs[slots] = order.int()
-    starts = torch.arange(0, max_tiles * block_m, block_m, device=device)
-    tile_experts = torch.searchsorted(padded.cumsum(0), starts, right=True).int()  # num_experts: past the last group
-    h = torch.empty(num_pairs, down.shape[2], dtype=x.dtype, device=device)  # SwiGLU's output per pair
-    out = torch.empty(num_pairs, hidden, dtype=x.dtype, device=device)
-    for a, w, y, swiglu in ((x, gate_up, h, True), (h, down, out, False)):
-        n, k = y.shape[1], a.shape[1]
-        _moe_gemm_kernel[(max_tiles, cdiv(n, 64))](
-            a, w, y, pairs, tile_experts, weights.flatten(), num_pairs, num_experts, n, k, TOP_K=top_k, SWIGLU=swiglu,
-            BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, UPCAST=not x.is_cuda, num_warps=4)
+    rank = torch.arange(num_pairs, device=device) - (counts.cumsum(0) - counts)[expert]  # its place in its group
+    pairs[(padded.cumsum(0) - padded)[expert] + rank] = order.int()  # each group starts at a whole tile
+    # each tile's expert: how many groups end at or before its first row (num_experts: past the last group)
+    tile_experts = torch.searchsorted(padded.cumsum(0), torch.arange(max_tiles, device=device) * block_m, right=True)
+    h, out = (torch.empty(num_pairs, n, dtype=x.dtype, device=device) for n in (down.shape[2], hidden))  # per pair
+    for a, w, y, swiglu in ((x, gate_up, h, True), (h, down, out, False)):  # y (num_pairs, N) = f(a @ W.T)
+        _moe_gemm_kernel[(max_tiles, cdiv(y.shape[1], 64))](
+            a, w, y, pairs, tile_experts, weights.flatten(), num_pairs, num_experts, y.shape[1], a.shape[1],
+            TOP_K=top_k, SWIGLU=swiglu, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, UPCAST=not x.is_cuda, num_warps=4)
     return out.view(num_tokens, top_k, hidden).sum(1)  # each token's top_k weighted outputs
 
 class Qwen3DecoderLayer(nn.Module):
     def __init__(self, cfg, tp, index):
         super().__init__()
         self.input_layernorm, self.self_attn = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps), Qwen3Attention(cfg, tp)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         sparse = cfg.num_experts and index not in cfg.mlp_only_layers and (index + 1) % cfg.decoder_sparse_step == 0
-        self.mlp = Qwen3MoeSparseMoeBlock(cfg, tp) if sparse else Qwen3MLP(cfg, tp)  # MoE models: dense where told
+        mlp = Qwen3MoeSparseMoeBlock if sparse else Qwen3MLP  # a MoE model's dense layers: where its config says
+        self.post_attention_layernorm, self.mlp = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps), mlp(cfg, tp)
 
     def forward(self, positions, h, residual, cos_sin, meta):  # each norm is applied (residual added) by the
         h, residual = self.self_attn(positions, h, residual, self.input_layernorm, cos_sin, meta)  # projection after it
@@ -510,16 +490,16 @@ class Qwen3ForCausalLM(nn.Module):  # module paths = checkpoint keys; packed par
                 for key in f.keys():
                     if tied and key == "lm_head.weight":
                         continue
-                    # one expert's matrix (experts.7.up_proj) loads into its layer's stacked weight (experts.up_proj)
-                    expert = re.search(r"\.experts\.(\d+)\.", key)
+                    # one expert's matrix (experts.7.up_proj) loads into its slice of the layer's stacked weight
+                    expert = re.search(r"\.experts\.(\d+)\.", key)  # (experts.gate_up_proj.weight[7])
                     name = key if expert is None else key.replace(expert[0], ".experts.")
                     part = name.split(".")[-2]  # e.g. q_proj, which is part 0 of qkv_proj
                     packed_part, *shard = self.packed.get(part, (part,))
-                    shard += [] if expert is None else [int(expert[1])]
                     name = name.replace(f".{part}.", f".{packed_part}.")
                     module = self.get_submodule(name.rpartition(".")[0])
                     loader = getattr(module, "weight_loader", lambda p, w: p.data.copy_(w))  # norms: whole
-                    loader(self.get_parameter(name), f.get_tensor(key), *shard)
+                    param = self.get_parameter(name)
+                    loader(param if expert is None else param[int(expert[1])], f.get_tensor(key), *shard)
                     missing.discard(name)
         if missing:
             raise ValueError(f"checkpoint {path!r} lacks weights: {sorted(missing)[:5]}")
