@@ -1,5 +1,5 @@
 """
-nanollm: a single-file LLM inference engine for Qwen3, written to be read top to bottom.
+nanollm: a single-file LLM inference engine for Qwen3 (dense and MoE), written to be read top to bottom.
 
 What it does, in the order a request travels through this file:
   config.json -> a Qwen3 model built from tensor-parallel linear layers -> a paged KV cache read by attention
