@@ -5,6 +5,8 @@ bench.py: nanollm's throughput against the physical floor of the same work (a be
   python bench.py --single-stream      # one sequence, 1,024 new tokens
   python bench.py --gpu-memory-gb 8    # the whole engine capped at 8 GB
   python bench.py --shape qwen3-8b     # another checkpoint's shape (see SHAPES)
+  python bench.py --shape qwen3-30b-a3b --num-layers 24   # the MoE, half its layers (the full one is 61 GB)
+  python bench.py --moe-kernels        # the fused MoE kernels alone at Qwen3-30B-A3B's shape, decode batch sizes
   python bench.py --engine hf --num-seqs 64   # HF transformers' continuous batching, same workload
 
 Warm-up is kept out of the timed region; the last line printed is JSON.
@@ -21,7 +23,7 @@ from random import randint, seed
 
 import torch
 
-from nanollm import LLM, SamplingParams, build_random_checkpoint
+from nanollm import LLM, SamplingParams, build_random_checkpoint, fused_moe
 
 # --shape NAME: the architecture and config.json fields of a public checkpoint, built with random weights
 SHAPES = {
@@ -33,6 +35,11 @@ SHAPES = {
         hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
         intermediate_size=12288, vocab_size=151936, tie_word_embeddings=False, max_position_embeddings=40960,
         rope_theta=1000000, rms_norm_eps=1e-6)),
+    "qwen3-30b-a3b": ("Qwen3MoeForCausalLM", dict(
+        hidden_size=2048, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+        moe_intermediate_size=768, intermediate_size=6144, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[], vocab_size=151936, tie_word_embeddings=False,
+        max_position_embeddings=40960, rope_theta=1000000, rms_norm_eps=1e-6)),
 }
 
 
@@ -45,20 +52,55 @@ def default_model_dir(shape, num_layers=None):
     if not (path / "config.json").exists():  # built aside, then renamed: never a half-written cache
         print(f"building a random-weight {shape} checkpoint in {path} (once) ...", flush=True)
         tmp = path.with_name(path.name + ".tmp")
-        build_random_checkpoint(str(tmp), dtype=torch.bfloat16, architecture=architecture, **config)
+        build_layer_by_layer(tmp, architecture, config)
         tmp.rename(path)
     return str(path)
 
 
-def count_params(model_dir):  # read the safetensors headers: no weights are loaded
-    total = 0
+def build_layer_by_layer(path, architecture, config):
+    # HF builds a whole model in fp32 before saving it (Qwen3-30B-A3B: 120 GB of RAM). Instead HF builds a template
+    # (config, tokenizer, key names and shapes): one layer, or for a MoE a sparse layer 0 and a dense layer 1; then
+    # each layer's weights are drawn and written on their own, one safetensors file a layer, so memory holds one
+    # layer. Random like HF's init: normal(0, 0.02), norms 1.
+    from safetensors.torch import load_file, save_file
+    layers, moe = config["num_hidden_layers"], config.get("num_experts", 0) > 0
+    template = dict(num_hidden_layers=2, mlp_only_layers=[1], decoder_sparse_step=1) if moe else dict(num_hidden_layers=1)
+    build_random_checkpoint(str(path), dtype=torch.bfloat16, architecture=architecture, **config | template)
+    one_layer = {}
+    for f in Path(path).glob("*.safetensors"):
+        one_layer |= load_file(f)
+        f.unlink()
+    weight_map, generator = {}, torch.Generator().manual_seed(0)
+    for i in range(-1, layers):  # -1: the tensors outside the layers (embeddings, final norm, LM head)
+        sparse = moe and i not in config.get("mlp_only_layers", []) and (i + 1) % config.get("decoder_sparse_step", 1) == 0
+        prefix = f"model.layers.{0 if sparse or not moe else 1}."  # the template layer of its kind
+        tensors = {}
+        for name, t in one_layer.items():
+            if (i >= 0) != name.startswith(prefix) or (i < 0 and name.startswith("model.layers.")):
+                continue
+            name = name.replace(prefix, f"model.layers.{i}.")
+            tensors[name] = (torch.ones(t.shape) if name.endswith("norm.weight")
+                             else torch.randn(t.shape, generator=generator) * 0.02).to(torch.bfloat16)
+        file = f"model-{i + 1:05d}-of-{layers + 1:05d}.safetensors"
+        save_file(tensors, str(Path(path) / file), metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(tensors, file)
+    (Path(path) / "model.safetensors.index.json").write_text(json.dumps(dict(metadata={}, weight_map=weight_map)))
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    if moe:  # the template's layout back to the shape's
+        cfg |= dict(mlp_only_layers=config.get("mlp_only_layers", []), decoder_sparse_step=config.get("decoder_sparse_step", 1))
+    (Path(path) / "config.json").write_text(json.dumps(cfg | dict(num_hidden_layers=layers), indent=2))
+
+
+def count_params(model_dir):  # -> (all parameters, those of MoE experts); reads the safetensors headers only
+    total = experts = 0
     for f in Path(model_dir).glob("*.safetensors"):
         with open(f, "rb") as fh:
             header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
         for name, meta in header.items():
             if name != "__metadata__":
                 total += math.prod(meta["shape"])
-    return total
+                experts += math.prod(meta["shape"]) if ".mlp.experts." in name else 0
+    return total, experts
 
 
 def sync(device):
@@ -94,25 +136,74 @@ def measure_hardware(device):
     return copy_bw, matmul_flops
 
 
-def physical_floor(cfg, params, prompt_lens, max_tokens, copy_bw, matmul_flops):
+def expert_bytes_read(cfg, expert_params, batch):
+    # MoE: a decode step reads only the experts its tokens were routed to. Approximation: each token picks its top-k
+    # of E experts uniformly and independently (random weights route close to that; trained ones less evenly, so they
+    # touch fewer experts), so a layer touches E * (1 - (1 - k/E)^batch) distinct experts on average.
+    num_experts = cfg.get("num_experts") or cfg.get("num_local_experts") or 0
+    if not num_experts:
+        return 0
+    touched = num_experts * (1 - (1 - cfg["num_experts_per_tok"] / num_experts) ** batch)
+    return expert_params * 2 * touched / num_experts
+
+
+def physical_floor(cfg, params, expert_params, prompt_lens, max_tokens, copy_bw, matmul_flops):
     layers, heads, hidden = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["hidden_size"]
     head_dim = cfg.get("head_dim") or hidden // heads
     kv_bytes_per_token = 2 * layers * cfg["num_key_value_heads"] * head_dim * 2  # K and V, bf16
-    # (a) decode is memory-bound: every step reads all weights once, plus each running sequence's KV cache.
-    # Simple schedule: all sequences decode together; sequence i runs max_tokens[i] steps, at step t it reads
-    # (prompt_len + t) tokens of KV, so over its life it reads m*p + m*(m-1)/2 tokens of KV.
+    # (a) decode is memory-bound: every step reads the weights once (of a MoE's experts, those its tokens use), plus
+    # each running sequence's KV cache. Simple schedule: all sequences decode together, so step t runs the sequences
+    # with max_tokens > t; sequence i runs max_tokens[i] steps, at step t it reads (prompt_len + t) tokens of KV, so
+    # over its life it reads m*p + m*(m-1)/2 tokens of KV.
     decode_steps = max(max_tokens)
     kv_tokens_read = sum(m * p + m * (m - 1) // 2 for p, m in zip(prompt_lens, max_tokens))
-    decode_bytes = decode_steps * params * 2 + kv_tokens_read * kv_bytes_per_token
+    batch_at_step = [sum(m > t for m in max_tokens) for t in range(decode_steps)]
+    weights_read = sum((params - expert_params) * 2 + expert_bytes_read(cfg, expert_params, b) for b in batch_at_step)
+    decode_bytes = weights_read + kv_tokens_read * kv_bytes_per_token
     # (b) prefill is compute-bound: 2 FLOPs per weight per prompt token (the embedding is a lookup, so it is
     # left out, and the LM head runs on the last prompt token only), plus causal attention QK^T and PV.
     embed = cfg["vocab_size"] * hidden
     body_params = params - embed * (1 if cfg.get("tie_word_embeddings", False) else 2)
+    num_experts = cfg.get("num_experts") or cfg.get("num_local_experts") or 0
+    if num_experts:  # a prompt token runs top-k of the experts
+        body_params -= expert_params * (1 - cfg["num_experts_per_tok"] / num_experts)
     prefill_flops = (2 * body_params * sum(prompt_lens) + 2 * embed * len(prompt_lens)
                      + 2 * 2 * layers * heads * head_dim * sum(p * p for p in prompt_lens) / 2)
     return dict(decode_bytes=decode_bytes, prefill_flops=prefill_flops, weights_bytes=params * 2,
                 kv_bytes_per_token=kv_bytes_per_token, decode_floor_s=decode_bytes / copy_bw,
                 prefill_floor_s=prefill_flops / matmul_flops)
+
+
+def bench_moe_kernels(device, json_out=None):
+    # The fused MoE (pairs sorted by expert, gate|up + SwiGLU, down + routing weights, sum per token) at
+    # Qwen3-30B-A3B's shape, one layer, in bf16, as a decode step runs it: replayed from a CUDA graph. Reported: the
+    # expert bytes read (each touched expert's gate|up and down once) over the median time, against the copy bandwidth.
+    assert device == "cuda", "--moe-kernels needs a GPU"
+    num_experts, top_k, hidden, intermediate = 128, 8, 2048, 768
+    copy_bw, _ = measure_hardware(device)
+    gate_up = torch.randn(num_experts, 2 * intermediate, hidden, device=device, dtype=torch.bfloat16) * 0.02
+    down = torch.randn(num_experts, hidden, intermediate, device=device, dtype=torch.bfloat16) * 0.02
+    bytes_per_expert = (gate_up[0].numel() + down[0].numel()) * 2
+    rows = []
+    for batch in (1, 8, 32, 64, 128, 256):
+        x = torch.randn(batch, hidden, device=device, dtype=torch.bfloat16)
+        weights, ids = torch.randn(batch, num_experts, device=device).softmax(-1).topk(top_k, -1)
+        weights = weights.to(torch.bfloat16)
+        fused_moe(x, gate_up, down, weights, ids)  # compiles the kernels
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fused_moe(x, gate_up, down, weights, ids)
+        seconds = median_seconds(graph.replay, device, reps=50)
+        touched = ids.unique().numel()
+        bandwidth = touched * bytes_per_expert / seconds
+        rows.append(dict(batch=batch, experts_touched=touched, microseconds=seconds * 1e6,
+                         bytes_per_s=bandwidth, fraction_of_copy_bw=bandwidth / copy_bw))
+        print(f"batch {batch:4d}: {touched:3d} experts, {seconds * 1e6:8.1f} us, {bandwidth / 1e9:6,.0f} GB/s "
+              f"({bandwidth / copy_bw:.0%} of the {copy_bw / 1e9:,.0f} GB/s copy bandwidth)")
+    result = dict(mode="moe-kernels", device=torch.cuda.get_device_name(), copy_bw_bytes_per_s=copy_bw, rows=rows)
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
 
 
 def run_nanollm(args, model_dir, prompts, max_tokens, temperature, device):
@@ -198,9 +289,12 @@ def main():
     parser.add_argument("--gpu-memory-gb", type=float, default=None)
     parser.add_argument("--single-stream", action="store_true", help="1 sequence, 16-token prompt, 1024 greedy tokens")
     parser.add_argument("--engine", choices=["nanollm", "hf"], default="nanollm")
+    parser.add_argument("--moe-kernels", action="store_true", help="time the fused MoE kernels alone (GPU)")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.moe_kernels:
+        return bench_moe_kernels(device, args.json_out)
     model_dir = args.model or default_model_dir(args.shape, args.num_layers)
 
     # Workload (same random stream as nano-vllm's bench.py).
@@ -227,7 +321,7 @@ def main():
     seconds, tokens, extra = run(args, model_dir, prompts, max_tokens, temperature, device)
 
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    floor = physical_floor(cfg, count_params(model_dir), [len(p) for p in prompts], max_tokens, copy_bw, matmul_flops)
+    floor = physical_floor(cfg, *count_params(model_dir), [len(p) for p in prompts], max_tokens, copy_bw, matmul_flops)
     floor_s = floor["decode_floor_s"] + floor["prefill_floor_s"]  # single stream: ~all decode (weights read)
     result = dict(engine=args.engine, device=device, mode="single-stream" if args.single_stream else "batch",
                   num_seqs=len(prompts), prompt_tokens=sum(map(len, prompts)), output_tokens=tokens,

@@ -1,5 +1,5 @@
 """
-nanollm: a single-file LLM inference engine for Qwen3, written to be read top to bottom.
+nanollm: a single-file LLM inference engine for Qwen3 (dense and MoE), written to be read top to bottom.
 
 What it does, in the order a request travels through this file:
   config.json -> a Qwen3 model built from tensor-parallel linear layers -> a paged KV cache read by attention
@@ -29,6 +29,7 @@ import itertools
 import json
 import os
 import random
+import re
 import signal
 import sys
 import tempfile
@@ -64,18 +65,25 @@ def load_model_config(path):  # config.json as a namespace under HF's names, plu
         raise FileNotFoundError(f"model directory not found, or without config.json: {path!r}")
     c = json.loads(Path(path, "config.json").read_text())
     arch = (c.get("architectures") or ["<none>"])[0]
-    if arch != "Qwen3ForCausalLM":
-        raise ValueError(f"unsupported architecture {arch!r}: nanollm runs Qwen3ForCausalLM only")
+    if arch not in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):
+        raise ValueError(f"unsupported architecture {arch!r}: nanollm runs Qwen3ForCausalLM and Qwen3MoeForCausalLM")
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}  # transformers 5 moved rope_theta here
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise ValueError(f"unsupported rope scaling {rope!r}: only plain RoPE is implemented")
     if c.get("attention_bias") or c.get("use_sliding_window"):
         raise ValueError("unsupported Qwen3 variant: attention_bias and sliding windows are not implemented")
+    # Qwen3-MoE: transformers 5 writes num_experts as num_local_experts; 0 experts is a dense model
+    experts, top_k = c.setdefault("num_experts", c.get("num_local_experts", 0)), c.setdefault("num_experts_per_tok", 8)
+    step, act = c.get("decoder_sparse_step", 1), c.get("hidden_act", "silu")
+    if experts and not (0 < top_k <= experts and step > 0 and act == "silu"):
+        raise ValueError(f"unsupported MoE config: {top_k} of {experts} experts per token, decoder_sparse_step {step}, "
+                         f"hidden_act {act!r} (supported: 1 <= num_experts_per_tok <= num_experts, step >= 1, silu)")
     eos = c.get("eos_token_id")
     if Path(path, "generation_config.json").is_file():  # its eos ids win
         eos = json.loads(Path(path, "generation_config.json").read_text()).get("eos_token_id", eos)
     defaults = dict(num_key_value_heads=c["num_attention_heads"], head_dim=c["hidden_size"] // c["num_attention_heads"],
-                    rms_norm_eps=1e-6, max_position_embeddings=40960, tie_word_embeddings=False)
+                    rms_norm_eps=1e-6, max_position_embeddings=40960, tie_word_embeddings=False, hidden_act="silu",
+                    norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[], moe_intermediate_size=768)
     return SimpleNamespace(**{**defaults, **{k: v for k, v in c.items() if v is not None},
                               "rope_theta": rope.get("rope_theta", c.get("rope_theta", 10000.0)),
                               "dtype": getattr(torch, c.get("dtype") or c.get("torch_dtype") or "bfloat16"),
@@ -122,6 +130,8 @@ class Config:
         if hf.num_attention_heads % tp or hf.num_key_value_heads % tp:
             raise ValueError(f"tensor_parallel_size {tp} must divide the heads "
                              f"({hf.num_attention_heads} query, {hf.num_key_value_heads} KV)")
+        if hf.num_experts and hf.moe_intermediate_size % tp:  # every rank holds a slice of every expert
+            raise ValueError(f"tensor_parallel_size {tp} must divide moe_intermediate_size {hf.moe_intermediate_size}")
 
 @dataclass
 class SamplingParams:
@@ -155,10 +165,12 @@ class Parallel:
     first: int = 0          # the global rank of the group's rank 0
 
 class MergedColumnParallelLinear(nn.Module):  # W = [this rank's rows of q | of k | of v] (or gate | up): one matmul
-    def __init__(self, in_features, out_features, tp):  # out_features: one size per part
+    # out_features: one size per part. experts=(E,): one such W per expert, stacked (E, rows, in_features); the MoE
+    # block computes with them (fused_moe), this module holds and loads them (each expert's as a W of its own)
+    def __init__(self, in_features, out_features, tp, experts=()):
         super().__init__()
         self.tp, self.rows = tp, [n // tp.size for n in out_features]
-        self.weight = nn.Parameter(torch.empty(sum(self.rows), in_features), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(*experts, sum(self.rows), in_features), requires_grad=False)
 
     def weight_loader(self, param, loaded, part):
         start, rows = sum(self.rows[:part]), self.rows[part]
@@ -168,9 +180,10 @@ class MergedColumnParallelLinear(nn.Module):  # W = [this rank's rows of q | of 
         return linear(x, self.weight, norm, residual)
 
 class RowParallelLinear(nn.Module):  # y = x @ W.T, W's input columns split: each rank's partial sum is all-reduced
-    def __init__(self, in_features, out_features, tp):
+    def __init__(self, in_features, out_features, tp, experts=()):  # experts: as in MergedColumnParallelLinear
         super().__init__()
-        self.tp, self.weight = tp, nn.Parameter(torch.empty(out_features, in_features // tp.size), requires_grad=False)
+        self.tp = tp
+        self.weight = nn.Parameter(torch.empty(*experts, out_features, in_features // tp.size), requires_grad=False)
 
     def weight_loader(self, param, loaded):
         param.data.copy_(loaded.narrow(1, self.tp.rank * param.shape[1], param.shape[1]))  # this rank's columns
@@ -335,11 +348,106 @@ class Qwen3MLP(nn.Module):
         gate_up, residual = self.gate_up_proj(x, norm, residual)
         return self.down_proj(gate_up, swiglu=True), residual
 
-class Qwen3DecoderLayer(nn.Module):
+# ---- Mixture of experts (Qwen3-MoE): a router sends each token to its top_k experts, each a SwiGLU MLP of its own
+class Qwen3MoeSparseMoeBlock(nn.Module):
     def __init__(self, cfg, tp):
         super().__init__()
+        self.tp, self.top_k, self.norm_topk_prob = tp, cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)  # the router: whole on every rank
+        # every expert's gate|up and down, stacked; each rank holds its slice of every expert's intermediate dim
+        size, experts = cfg.moe_intermediate_size, (cfg.num_experts,)
+        self.experts = nn.ModuleDict(dict(
+            gate_up_proj=MergedColumnParallelLinear(cfg.hidden_size, [size] * 2, tp, experts),
+            down_proj=RowParallelLinear(size, cfg.hidden_size, tp, experts)))
+
+    def forward(self, x, residual, norm):  # -> (output, x + residual)
+        x, residual = norm(x, residual)
+        weights, ids = self.gate(x).softmax(-1, dtype=torch.float).topk(self.top_k, -1)  # (N, top_k) each
+        weights = weights / weights.sum(-1, keepdim=True) if self.norm_topk_prob else weights  # renormalised
+        moe = fused_moe if x.is_cuda else fused_moe_reference  # Triton or plain torch
+        y = moe(x, self.experts.gate_up_proj.weight, self.experts.down_proj.weight, weights.to(x.dtype), ids)
+        if self.tp.size > 1:
+            dist.all_reduce(y, group=self.tp.group)  # each rank summed its slice of the intermediate dim
+        return y, residual
+
+def fused_moe_reference(x, gate_up, down, weights, ids):
+    # x (N, hidden); gate_up (E, 2 I, hidden); down (E, hidden, I); weights, ids (N, top_k). Plain torch, the
+    # definition: each expert that got tokens runs on them, its outputs weighted and added to their tokens' rows
+    out = torch.zeros_like(x)
+    for e in ids.unique().tolist():
+        token, slot = (ids == e).nonzero(as_tuple=True)
+        y = F.linear(silu_and_mul(F.linear(x[token], gate_up[e])), down[e])
+        out.index_add_(0, token, y * weights[token, slot, None])
+    return out
+
+@triton.jit
+def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, pairs_ptr, tile_experts_ptr, weights_ptr, num_pairs, num_experts, N, K,
+                     TOP_K: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+    # grid: (tiles, cdiv(N, BLOCK_N)). A (token, expert) pair p = token * TOP_K + slot has one row in out (num_pairs,
+    # N). Tile t holds BLOCK_M pairs of one expert, tile_experts[t], listed at pairs[t * BLOCK_M:] (num_pairs pads).
+    # SWIGLU: a = x, W (E, 2N, K) = [gate | up], out[p] = silu(x[token] @ gate.T) * (x[token] @ up.T);
+    # else: a = that output (num_pairs, K), W (E, N, K) = down, out[p] = weights[p] * (a[p] @ down.T)
+    tile, col = tl.program_id(0), tl.program_id(1)
+    expert = tl.load(tile_experts_ptr + tile)
+    if expert >= num_experts:  # a tile past the last expert's group: the grid has the most tiles a batch can need
+        return
+    pairs = tl.load(pairs_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M))
+    valid = pairs < num_pairs
+    cols = col * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + (pairs // TOP_K if SWIGLU else pairs).to(tl.int64)[:, None] * K + ks[None, :]  # token's or pair's
+    w_ptrs = w_ptr + expert.to(tl.int64) * (2 * N if SWIGLU else N) * K + cols[None, :] * K + ks[:, None]  # W.T tile
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)  # SwiGLU's up
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_ptrs + k0, mask=valid[:, None] & (k0 + ks < K)[None, :], other=0.0)
+        w = tl.load(w_ptrs + k0, mask=(cols[None, :] < N) & (k0 + ks < K)[:, None], other=0.0)
+        a, w = (a.to(tl.float32), w.to(tl.float32)) if UPCAST else (a, w)
+        acc = tl.dot(a, w, acc, input_precision="ieee")
+        if SWIGLU:  # the up rows sit N rows below the gate rows
+            up = tl.load(w_ptrs + N * K + k0, mask=(cols[None, :] < N) & (k0 + ks < K)[:, None], other=0.0)
+            acc_up = tl.dot(a, up.to(tl.float32) if UPCAST else up, acc_up, input_precision="ieee")
+    dtype = out_ptr.dtype.element_ty  # rounded where the reference rounds: each matmul, silu, each product
+    acc = acc.to(dtype).to(tl.float32)
+    if SWIGLU:
+        acc = (acc / (1 + tl.exp(-acc))).to(dtype).to(tl.float32) * acc_up.to(dtype).to(tl.float32)
+    else:
+        acc = acc * tl.load(weights_ptr + pairs, mask=valid, other=0.0).to(tl.float32)[:, None]
+    out_offs = pairs.to(tl.int64)[:, None] * N + cols[None, :]
+    tl.store(out_ptr + out_offs, acc.to(dtype), mask=valid[:, None] & (cols[None, :] < N))
+
+def fused_moe(x, gate_up, down, weights, ids):  # Triton: fused_moe_reference's sums, computed expert by expert in tiles
+    (num_tokens, top_k), (num_experts, _, hidden), device = ids.shape, gate_up.shape, x.device
+    num_pairs = num_tokens * top_k
+    # decode: a few tokens per expert, 16-row tiles; prefill: many, 64-row tiles
+    block_m = 16 if num_pairs <= 16 * num_experts else 64
+    # The pairs sorted by expert, each expert's group padded to whole tiles. Sizes come from shapes only (no host
+    # sync, so decode steps can be CUDA graphs): the grid holds the most tiles this many pairs can need.
+    flat = ids.flatten()
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = cdiv(counts, block_m) * block_m
+    expert, order = flat.sort(stable=True)  # the pairs' experts in order, and the pairs (their indices) in that order
+    max_tiles = cdiv(num_pairs + min(num_experts, num_pairs) * (block_m - 1), block_m)
+    pairs = torch.full((max_tiles * block_m,), num_pairs, dtype=torch.int32, device=device)
+    rank = torch.arange(num_pairs, device=device) - (counts.cumsum(0) - counts)[expert]  # its place in its group
+    pairs[(padded.cumsum(0) - padded)[expert] + rank] = order.int()  # each group starts at a whole tile
+    # each tile's expert: how many groups end at or before its first row (num_experts: past the last group)
+    tile_experts = torch.searchsorted(padded.cumsum(0), torch.arange(max_tiles, device=device) * block_m, right=True)
+    h, out = (torch.empty(num_pairs, n, dtype=x.dtype, device=device) for n in (down.shape[2], hidden))  # per pair
+    for a, w, y, swiglu in ((x, gate_up, h, True), (h, down, out, False)):  # y (num_pairs, N) = f(a @ W.T)
+        _moe_gemm_kernel[(max_tiles, cdiv(y.shape[1], 64))](
+            a, w, y, pairs, tile_experts, weights.flatten(), num_pairs, num_experts, y.shape[1], a.shape[1],
+            TOP_K=top_k, SWIGLU=swiglu, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, UPCAST=not x.is_cuda, num_warps=4)
+    return out.view(num_tokens, top_k, hidden).sum(1)  # each token's top_k weighted outputs
+
+class Qwen3DecoderLayer(nn.Module):
+    def __init__(self, cfg, tp, index):
+        super().__init__()
         self.input_layernorm, self.self_attn = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps), Qwen3Attention(cfg, tp)
-        self.post_attention_layernorm, self.mlp = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps), Qwen3MLP(cfg, tp)
+        sparse = cfg.num_experts and index not in cfg.mlp_only_layers and (index + 1) % cfg.decoder_sparse_step == 0
+        mlp = Qwen3MoeSparseMoeBlock if sparse else Qwen3MLP  # a MoE model's dense layers: where its config says
+        self.post_attention_layernorm, self.mlp = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps), mlp(cfg, tp)
 
     def forward(self, positions, h, residual, cos_sin, meta):  # each norm is applied (residual added) by the
         h, residual = self.self_attn(positions, h, residual, self.input_layernorm, cos_sin, meta)  # projection after it
@@ -349,7 +457,7 @@ class Qwen3Model(nn.Module):
     def __init__(self, cfg, tp):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
-        self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg, tp) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg, tp, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         cos_sin = rope_table(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
         self.register_buffer("cos_sin", cos_sin, persistent=False)
@@ -382,12 +490,16 @@ class Qwen3ForCausalLM(nn.Module):  # module paths = checkpoint keys; packed par
                 for key in f.keys():
                     if tied and key == "lm_head.weight":
                         continue
-                    part = key.split(".")[-2]  # e.g. q_proj, which is part 0 of qkv_proj
+                    # one expert's matrix (experts.7.up_proj) loads into its slice of the layer's stacked weight
+                    expert = re.search(r"\.experts\.(\d+)\.", key)  # (experts.gate_up_proj.weight[7])
+                    name = key if expert is None else key.replace(expert[0], ".experts.")
+                    part = name.split(".")[-2]  # e.g. q_proj, which is part 0 of qkv_proj
                     packed_part, *shard = self.packed.get(part, (part,))
-                    name = key.replace(f".{part}.", f".{packed_part}.")
+                    name = name.replace(f".{part}.", f".{packed_part}.")
                     module = self.get_submodule(name.rpartition(".")[0])
                     loader = getattr(module, "weight_loader", lambda p, w: p.data.copy_(w))  # norms: whole
-                    loader(self.get_parameter(name), f.get_tensor(key), *shard)
+                    param = self.get_parameter(name)
+                    loader(param if expert is None else param[int(expert[1])], f.get_tensor(key), *shard)
                     missing.discard(name)
         if missing:
             raise ValueError(f"checkpoint {path!r} lacks weights: {sorted(missing)[:5]}")

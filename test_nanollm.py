@@ -26,10 +26,17 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 
-# tiny random Qwen3s: GQA ratio 2 untied, GQA ratio 4 tied
+# tiny random Qwen3s: GQA ratio 2 untied, GQA ratio 4 tied; and Qwen3-MoEs: top-1 of 4 experts renormalised (a
+# weight of 1), top-2 of 8 raw with layer 0 dense by decoder_sparse_step, top-3 of 8 renormalised, tied, with a dense
+# layer by mlp_only_layers
+MOE = dict(architecture="Qwen3MoeForCausalLM", num_attention_heads=4, num_key_value_heads=2, moe_intermediate_size=32)
 CHECKPOINTS = {
     "gqa2-untied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
     "gqa4-tied": dict(num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True),
+    "moe-top1": MOE | dict(num_experts=4, num_experts_per_tok=1, norm_topk_prob=True),
+    "moe-top2-sparse-step": MOE | dict(num_experts=8, num_experts_per_tok=2, decoder_sparse_step=2),
+    "moe-top3-tied": MOE | dict(num_experts=8, num_experts_per_tok=3, norm_topk_prob=True, num_hidden_layers=3,
+                                mlp_only_layers=[1], tie_word_embeddings=True),
 }
 
 
@@ -97,8 +104,8 @@ def test_string_prompts_match_hf(checkpoints, hf_models):
         assert out["text"] == llm.tokenizer.decode(ref, skip_special_tokens=True)
 
 
-def test_prefix_cache_across_calls(checkpoints, hf_models):
-    name = "gqa4-tied"
+@pytest.mark.parametrize("name", ["gqa4-tied", "moe-top2-sparse-step"])
+def test_prefix_cache_across_calls(checkpoints, hf_models, name):
     prefix = random_prompts([3 * 16 + 5], seed=1)[0]  # three full blocks and a bit
     first = [prefix + s for s in random_prompts([4, 9], seed=2)]
     second = [prefix + s for s in random_prompts([1, 20], seed=3)]
@@ -132,8 +139,8 @@ def test_chunked_prefill(checkpoints, hf_models):
 
 
 @pytest.mark.parametrize("prefix_caching", [True, False])
-def test_preemption_loses_nothing(checkpoints, hf_models, prefix_caching):
-    name = "gqa4-tied"
+@pytest.mark.parametrize("name", ["gqa4-tied", "moe-top3-tied"])
+def test_preemption_loses_nothing(checkpoints, hf_models, prefix_caching, name):
     prompts = random_prompts([20, 5, 33, 17, 12, 40], seed=6)
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     # 10 blocks of 16 tokens: each sequence needs 3-5 blocks at full length, so they cannot all run
@@ -586,13 +593,16 @@ HOPPER_LAUNCHES = [  # each kernel with the compile-time constants the engine gi
                                               BLOCK_N=64, NUM_SPLITS=splits, SPLITS_PAD=splits, UPCAST=False,
                                               PDL=True)) for splits in (1, 8)],
     (nanollm._sample_kernel, dict(PART=8192, BLOCK=2048)),
+    *[(nanollm._moe_gemm_kernel, dict(TOP_K=8, SWIGLU=swiglu, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, UPCAST=False))
+      for swiglu in (True, False) for block_m in (16, 64)],
 ]
 
 
 def compile_kernels_for_hopper():  # in a process without TRITON_INTERPRET: see the next test
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    bf16 = {"qkv", "q_norm", "k_norm", "k_cache", "v_cache", "q", "out", "logits", "x", "w", "residual", "summed", "norm"}
+    bf16 = {"qkv", "q_norm", "k_norm", "k_cache", "v_cache", "q", "out", "logits", "x", "w", "residual", "summed", "norm",
+            "a", "weights"}
     fp32 = {"cos_sin", "part_m", "part_l", "part_acc", "temperature", "best"}
     for kernel, constants in HOPPER_LAUNCHES:
         def arg_type(name):
@@ -646,10 +656,10 @@ def test_kernels_at_real_shapes(dtype, block_size, head_dim):
 
 
 @cuda
-@pytest.mark.parametrize("name", ["gqa4-tied", "realistic"])
+@pytest.mark.parametrize("name", ["gqa4-tied", "realistic", "moe-top2-sparse-step"])
 def test_gpu_end_to_end_fp32_with_cuda_graphs(checkpoints, hf_models, request, name):
     # fp32 on the GPU, Triton kernels and CUDA graphs on: greedy tokens equal HF's, with a prefix-cache
-    # hit and preemption in the same run; at head_dim 16 (tiny) and 128 (realistic)
+    # hit and preemption in the same run; at head_dim 16 (tiny) and 128 (realistic), and the Triton MoE
     path, hf = request.getfixturevalue(name) if name == "realistic" else (checkpoints[name], hf_models[name])
     prefix = random_prompts([40], seed=12)[0]
     prompts = random_prompts([1, 15, 16, 17, 33, 70], seed=13) + [prefix + [1], prefix + [2, 3]]
@@ -673,6 +683,83 @@ def test_gpu_kv_cache_sized_from_memory(checkpoints):
     assert llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0]["token_ids"]
 
 
+# ---------------------------------------------------------------- mixture of experts: Triton against the torch loop
+
+def moe_inputs(num_tokens, num_experts, top_k, hidden, intermediate, dtype, seed=0):
+    torch.manual_seed(seed)
+    x = torch.randn(num_tokens, hidden, device=DEVICE).to(dtype)
+    gate_up = (torch.randn(num_experts, 2 * intermediate, hidden, device=DEVICE) / hidden ** 0.5).to(dtype)
+    down = (torch.randn(num_experts, hidden, intermediate, device=DEVICE) / intermediate ** 0.5).to(dtype)
+    weights, ids = torch.randn(num_tokens, num_experts, device=DEVICE).softmax(-1).topk(top_k, -1)
+    return x, gate_up, down, weights.to(dtype), ids
+
+
+@pytest.mark.parametrize("num_tokens, num_experts, top_k, hidden, intermediate", [
+    (1, 8, 2, 64, 32),    # one token: most of the grid's tiles return at once
+    (5, 8, 8, 64, 48),    # every expert; an intermediate size the 64-wide tiles do not divide
+    (7, 4, 1, 32, 40),
+    (300, 8, 2, 96, 16),  # many tokens per expert: 64-row tiles, a hidden size the tiles do not divide
+])
+def test_fused_moe_matches_reference(num_tokens, num_experts, top_k, hidden, intermediate):
+    # fp32 (the interpreter's bf16 is broken; bf16 runs on the GPU below)
+    x, gate_up, down, weights, ids = moe_inputs(num_tokens, num_experts, top_k, hidden, intermediate, torch.float32)
+    ref = nanollm.fused_moe_reference(x, gate_up, down, weights, ids)
+    # the reference against its definition written densely: every expert on every token, weighted by its route
+    dense = sum(((ids == e) * weights).sum(1, keepdim=True)
+                * F.linear(nanollm.silu_and_mul(F.linear(x, gate_up[e])), down[e]) for e in range(num_experts))
+    torch.testing.assert_close(ref, dense)
+    out = nanollm.fused_moe(x, gate_up, down, weights, ids)
+    assert out.shape == x.shape and rel_error(out, ref) < TOLERANCE[torch.float32]
+
+
+@cuda
+@pytest.mark.parametrize("num_tokens", [1, 8, 32, 64, 128, 256, 2048, 6000])
+def test_fused_moe_at_real_shape(num_tokens):
+    # Qwen3-30B-A3B's experts (128, top-8, hidden 2048, intermediate 768) in bf16: decode batches, prefill chunks
+    args = moe_inputs(num_tokens, 128, 8, 2048, 768, torch.bfloat16, seed=num_tokens)
+    assert rel_error(nanollm.fused_moe(*args), nanollm.fused_moe_reference(*args).float()) < TOLERANCE[torch.bfloat16]
+
+
+@cuda
+def test_fused_moe_in_a_cuda_graph():
+    # decode's case: captured once, replayed with other tokens and routes (all tokens to the same 8 experts, too)
+    x, gate_up, down, weights, ids = moe_inputs(64, 128, 8, 256, 128, torch.bfloat16)
+    nanollm.fused_moe(x, gate_up, down, weights, ids)  # compiles the kernels outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = nanollm.fused_moe(x, gate_up, down, weights, ids)
+    for seed in range(1, 4):
+        new_x, _, _, new_weights, new_ids = moe_inputs(64, 128, 8, 256, 128, torch.bfloat16, seed=seed)
+        new_ids = torch.arange(8, device=DEVICE).expand(64, 8) if seed == 3 else new_ids
+        x.copy_(new_x)
+        weights.copy_(new_weights)
+        ids.copy_(new_ids)
+        graph.replay()
+        ref = nanollm.fused_moe_reference(x, gate_up, down, weights, ids)
+        assert rel_error(out, ref.float()) < TOLERANCE[torch.bfloat16]
+
+
+def test_moe_config_spellings_and_errors(tmp_path, checkpoints, hf_models):
+    # transformers 4's num_experts (the Hub's files) reads as 5's num_local_experts; unsupported fields fail early
+    name = "moe-top2-sparse-step"
+    path = tmp_path / "moe"
+    shutil.copytree(checkpoints[name], path)
+    cfg = json.loads((path / "config.json").read_text())
+    hub = {("num_experts" if k == "num_local_experts" else k): v for k, v in cfg.items()}
+    assert "num_local_experts" in cfg and "num_experts" in hub
+    (path / "config.json").write_text(json.dumps(hub))
+    prompt = random_prompts([9], seed=16)[0]
+    llm = LLM(str(path), kvcache_block_size=16, num_kvcache_blocks=16)
+    assert llm.generate([prompt], GREEDY, use_tqdm=False)[0]["token_ids"] == hf_greedy(hf_models[name], prompt, 12)
+    for change, tp, message in [(dict(num_experts_per_tok=9), 1, "MoE config: 9 of 8 experts per token"),
+                                (dict(decoder_sparse_step=0), 1, "MoE config: .* decoder_sparse_step 0"),
+                                (dict(hidden_act="gelu"), 1, "MoE config: .* hidden_act 'gelu'"),
+                                (dict(moe_intermediate_size=33), 2, "must divide moe_intermediate_size 33")]:
+        (path / "config.json").write_text(json.dumps(hub | change))
+        with pytest.raises(ValueError, match=message):
+            LLM(str(path), device="cpu", tensor_parallel_size=tp)
+
+
 # ---------------------------------------------------------------- tensor and data parallelism (CPU, gloo)
 
 def fail_on_rank_1(runner):  # for collective_rpc: a worker that raises
@@ -681,8 +768,10 @@ def fail_on_rank_1(runner):  # for collective_rpc: a worker that raises
     return runner.tp.rank
 
 
-def qkv_shard_shape(runner):
-    return tuple(runner.model.model.layers[0].self_attn.qkv_proj.weight.shape)
+def shard_shapes(runner):  # q|k|v of the first layer, gate|up of the last (its experts' in a MoE)
+    mlp = runner.model.model.layers[-1].mlp
+    gate_up = mlp.experts.gate_up_proj if hasattr(mlp, "experts") else mlp.gate_up_proj
+    return tuple(runner.model.model.layers[0].self_attn.qkv_proj.weight.shape), tuple(gate_up.weight.shape)
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS)
@@ -690,8 +779,10 @@ def test_tensor_parallel_equals_single_rank(checkpoints, hf_models, name):
     prompts = random_prompts([1, 17, 33, 70], seed=14)
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     with LLM(checkpoints[name], device="cpu", tensor_parallel_size=2, kvcache_block_size=16, num_kvcache_blocks=64) as llm:
-        heads, kv_heads = CHECKPOINTS[name]["num_attention_heads"], CHECKPOINTS[name]["num_key_value_heads"]
-        assert llm.collective_rpc(qkv_shard_shape) == [((heads + 2 * kv_heads) * 16 // 2, 64)] * 2  # sharded
+        cfg = CHECKPOINTS[name]
+        heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+        gate_up = (cfg["num_experts"], 32, 64) if "num_experts" in cfg else (128, 64)  # each expert's half of 2 x 32
+        assert llm.collective_rpc(shard_shapes) == [(((heads + 2 * kv_heads) * 16 // 2, 64), gate_up)] * 2  # sharded
         outs = llm.generate(prompts, params, use_tqdm=False)
     for prompt, out in zip(prompts, outs):
         assert out["token_ids"] == hf_greedy(hf_models[name], prompt, params.max_tokens)
