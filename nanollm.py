@@ -1,15 +1,15 @@
 """
-nanollm: a single-file LLM inference engine for Qwen3, written to be read top to bottom.
+nanollm: a single-file LLM inference engine for Qwen3, Qwen2.5 and Llama 3.x, written to be read top to bottom.
 
 What it does, in the order a request travels through this file:
-  config.json -> a Qwen3 model built from tensor-parallel linear layers -> a paged KV cache read by attention
+  config.json -> one model for the three, from tensor-parallel linear layers -> a paged KV cache read by attention
   (Triton kernels on the GPU, each beside the plain-torch reference it is tested against) -> a block manager that
   shares cached prompt prefixes by hashing blocks -> a scheduler doing continuous batching, chunked prefill and
   preemption -> a model runner that replays CUDA graphs for decode -> the LLM API (generate, or the step-level
   add_request/step loop) -> main().
 
-What it leaves out on purpose: other architectures, quantisation, LoRA, speculative decoding, beam
-search, an HTTP server. It needs no flash-attn build, and it runs on a CPU for learning and tests.
+Left out on purpose: other architectures, sliding windows, RoPE scaling but llama3's, quantisation, LoRA, speculative
+decoding, beam search, an HTTP server. It needs no flash-attn build and runs on a CPU for learning and tests.
 
 Run it:
   python nanollm.py                                   # no weights? builds a tiny random demo model
@@ -153,7 +153,8 @@ class SamplingParams:
 
 
 # -----------------------------------------------------------------------------
-# Model: tensor-parallel linear layers (`weight_loader` cuts this rank's shard from a checkpoint tensor), then Qwen3
+# Model: tensor-parallel linear layers (`weight_loader` cuts this rank's shard from a checkpoint tensor), then the
+# decoder: Qwen3's classes, which run Qwen2 and Llama too (no q/k norms, biases and RoPE scaling as the config says)
 
 @dataclass
 class Parallel:
@@ -1404,7 +1405,8 @@ class LLM:
 
 
 # -----------------------------------------------------------------------------
-# A tiny random-weight Qwen3 with its own tokenizer: the offline demo, and the checkpoints tests use
+# A tiny random-weight checkpoint (Qwen3, or any HF architecture) with its own tokenizer: the offline demo, and the
+# checkpoints tests and bench.py use
 
 def build_random_checkpoint(path, seed=0, dtype=torch.float32, architecture="Qwen3ForCausalLM", **config):
     import transformers
@@ -1507,7 +1509,7 @@ def chat(llm, params, read=input):
 # main(): the command line; under torchrun, data-parallel groups of tensor_parallel_size ranks split the prompts
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="nanollm: offline generation with a Qwen3 checkpoint")
+    p = argparse.ArgumentParser(description="nanollm: offline generation with a Qwen3, Qwen2 or Llama 3 checkpoint")
     p.add_argument("--model", help="local HF checkpoint directory (none: a tiny random demo model)")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     p.add_argument("--chat", action="store_true", help="chat template; without --prompt an interactive chat")
