@@ -312,8 +312,8 @@ def gemv(x, weight, norm=None, residual=None, swiglu=False, bias=None):  # x (1,
     _gemv_kernel[(cdiv(N, 2),)](  # 2 outputs per program
         x, weight, bias, out, residual, summed, None if norm is None else norm.weight,
         0.0 if norm is None else norm.eps, N, K, PROLOGUE="swiglu" if swiglu else "none" if norm is None else "norm",
-        BLOCK_N=2, **pdl(x),
-        BLOCK_K=triton.next_power_of_2(K) if norm is not None else min(1024, triton.next_power_of_2(K)))
+        BLOCK_N=2, BLOCK_K=triton.next_power_of_2(K) if norm is not None else min(1024, triton.next_power_of_2(K)),
+        **pdl(x))
     return out if norm is None else (out, summed)
 
 def linear(x, weight, norm=None, residual=None, swiglu=False, bias=None):
@@ -343,15 +343,15 @@ class Qwen3Attention(nn.Module):
         self.o_proj = RowParallelLinear(q_size, cfg.hidden_size, tp, cfg.attention_bias)
         # Qwen3's per-head q/k norms (Qwen2 and Llama have none): their weights go to qk_norm_rope_store, which fuses
         # them with RoPE and the cache write
-        self.qk_norm, self.eps = cfg.qk_norm, cfg.rms_norm_eps
-        if cfg.qk_norm:
-            self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps), RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.eps = cfg.rms_norm_eps
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_cache = self.v_cache = torch.tensor([])  # bound to this layer's slices of the engine's cache later
 
     def forward(self, positions, x, residual, norm, cos_sin, meta):  # -> (output, x + residual); q is this rank's
         qkv, residual = self.qkv_proj(x, norm, residual)  # heads, (N, heads, hd) after the q/k norms and RoPE
         write = qk_norm_rope_store if x.is_cuda else qk_norm_rope_store_reference  # Triton or plain torch
-        norms = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm else (None, None)
+        norms = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
         q = write(qkv, *norms, self.eps, positions, cos_sin, self.k_cache, self.v_cache, meta.slot_mapping)
         return self.o_proj(paged_attention(q, self.k_cache, self.v_cache, meta, self.scale).flatten(1)), residual
 
