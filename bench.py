@@ -4,7 +4,7 @@ bench.py: nanollm's throughput against the physical floor of the same work (a be
   python bench.py                      # nano-vllm's workload: 256 sequences, random Qwen3-0.6B shape (bf16)
   python bench.py --single-stream      # one sequence, 1,024 new tokens
   python bench.py --gpu-memory-gb 8    # the whole engine capped at 8 GB
-  python bench.py --shape qwen3-8b     # another checkpoint's shape (see SHAPES)
+  python bench.py --shape qwen3-8b     # another checkpoint's shape (see SHAPES: Qwen3, Qwen3-MoE, Llama 3.2, Qwen2.5)
   python bench.py --shape qwen3-30b-a3b --num-layers 24   # the MoE, half its layers (the full one is 61 GB)
   python bench.py --moe-kernels        # the fused MoE kernels alone at Qwen3-30B-A3B's shape, decode batch sizes
   python bench.py --engine hf --num-seqs 64   # HF transformers' continuous batching, same workload
@@ -40,6 +40,16 @@ SHAPES = {
         moe_intermediate_size=768, intermediate_size=6144, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
         decoder_sparse_step=1, mlp_only_layers=[], vocab_size=151936, tie_word_embeddings=False,
         max_position_embeddings=40960, rope_theta=1000000, rms_norm_eps=1e-6)),
+    "llama-3.2-1b": ("LlamaForCausalLM", dict(
+        hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+        intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True, max_position_embeddings=131072,
+        rope_theta=500000, rms_norm_eps=1e-5,
+        rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=8192))),
+    "qwen2.5-0.5b": ("Qwen2ForCausalLM", dict(  # its config.json has no head_dim: hidden / heads = 64
+        hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, head_dim=64,
+        intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
+        rope_theta=1000000, rms_norm_eps=1e-6)),
 }
 
 

@@ -1,15 +1,15 @@
 """
-nanollm: a single-file LLM inference engine for Qwen3 (dense and MoE), written to be read top to bottom.
+nanollm: a single-file LLM inference engine for Qwen3 (dense and MoE), Qwen2.5 and Llama 3.x, read top to bottom.
 
 What it does, in the order a request travels through this file:
-  config.json -> a Qwen3 model built from tensor-parallel linear layers -> a paged KV cache read by attention
+  config.json -> one model for the three, from tensor-parallel linear layers -> a paged KV cache read by attention
   (Triton kernels on the GPU, each beside the plain-torch reference it is tested against) -> a block manager that
   shares cached prompt prefixes by hashing blocks -> a scheduler doing continuous batching, chunked prefill and
   preemption -> a model runner that replays CUDA graphs for decode -> the LLM API (generate, or the step-level
   add_request/step loop) -> main().
 
-What it leaves out on purpose: other architectures, quantisation, LoRA, speculative decoding, beam
-search, an HTTP server. It needs no flash-attn build, and it runs on a CPU for learning and tests.
+Left out on purpose: other architectures, sliding windows, RoPE scaling but llama3's, quantisation, LoRA, speculative
+decoding, beam search, an HTTP server. It needs no flash-attn build and runs on a CPU for learning and tests.
 
 Run it:
   python nanollm.py                                   # no weights? builds a tiny random demo model
@@ -60,31 +60,40 @@ def cdiv(a, b):  # ceiling division; triton.cdiv gives the same but costs micros
 # -----------------------------------------------------------------------------
 # Config: the checkpoint's config.json and the engine's knobs
 
-def load_model_config(path):  # config.json as a namespace under HF's names, plus eos ids, RoPE base and dtype
+def load_model_config(path):  # config.json as a namespace under HF's names, plus what the model code branches on
     if not Path(path, "config.json").is_file():
         raise FileNotFoundError(f"model directory not found, or without config.json: {path!r}")
     c = json.loads(Path(path, "config.json").read_text())
     arch = (c.get("architectures") or ["<none>"])[0]
-    if arch not in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):
-        raise ValueError(f"unsupported architecture {arch!r}: nanollm runs Qwen3ForCausalLM and Qwen3MoeForCausalLM")
+    if arch not in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM"):
+        raise ValueError(f"unsupported: architecture {arch!r} (nanollm runs Qwen3ForCausalLM, Qwen3MoeForCausalLM, "
+                         f"Qwen2ForCausalLM and LlamaForCausalLM)")
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}  # transformers 5 moved rope_theta here
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(f"unsupported rope scaling {rope!r}: only plain RoPE is implemented")
-    if c.get("attention_bias") or c.get("use_sliding_window"):
-        raise ValueError("unsupported Qwen3 variant: attention_bias and sliding windows are not implemented")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise ValueError(f"unsupported: rope scaling {rope_type!r} (nanollm implements plain RoPE and 'llama3')")
+    if c.get("use_sliding_window") or set(c.get("layer_types") or []) - {"full_attention"}:
+        raise ValueError("unsupported: sliding-window attention (nanollm attends to the whole context)")
+    if c.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"unsupported: activation {c['hidden_act']!r} (nanollm's MLP is SwiGLU)")
     # Qwen3-MoE: transformers 5 writes num_experts as num_local_experts; 0 experts is a dense model
     experts, top_k = c.setdefault("num_experts", c.get("num_local_experts", 0)), c.setdefault("num_experts_per_tok", 8)
-    step, act = c.get("decoder_sparse_step", 1), c.get("hidden_act", "silu")
-    if experts and not (0 < top_k <= experts and step > 0 and act == "silu"):
-        raise ValueError(f"unsupported MoE config: {top_k} of {experts} experts per token, decoder_sparse_step {step}, "
-                         f"hidden_act {act!r} (supported: 1 <= num_experts_per_tok <= num_experts, step >= 1, silu)")
+    step = c.get("decoder_sparse_step", 1)
+    if experts and not (0 < top_k <= experts and step > 0):
+        raise ValueError(f"unsupported: MoE config: {top_k} of {experts} experts per token, decoder_sparse_step "
+                         f"{step} (supported: 1 <= num_experts_per_tok <= num_experts, step >= 1)")
     eos = c.get("eos_token_id")
-    if Path(path, "generation_config.json").is_file():  # its eos ids win
+    if Path(path, "generation_config.json").is_file():  # its eos ids win (Llama 3 lists several there)
         eos = json.loads(Path(path, "generation_config.json").read_text()).get("eos_token_id", eos)
     defaults = dict(num_key_value_heads=c["num_attention_heads"], head_dim=c["hidden_size"] // c["num_attention_heads"],
-                    rms_norm_eps=1e-6, max_position_embeddings=40960, tie_word_embeddings=False, hidden_act="silu",
+                    rms_norm_eps=1e-6, max_position_embeddings=40960, tie_word_embeddings=False,
+                    attention_bias=False, mlp_bias=False,  # attention_bias: q, k, v and o (Llama, Qwen3)
                     norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[], moe_intermediate_size=768)
     return SimpleNamespace(**{**defaults, **{k: v for k, v in c.items() if v is not None},
+                              # where the families differ: Qwen3 normalises each q and k head, Qwen2 biases q, k, v
+                              "qk_norm": arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
+                              "qkv_bias": arch == "Qwen2ForCausalLM" or bool(c.get("attention_bias")),
+                              "rope_scaling": rope if rope_type == "llama3" else None,
                               "rope_theta": rope.get("rope_theta", c.get("rope_theta", 10000.0)),
                               "dtype": getattr(torch, c.get("dtype") or c.get("torch_dtype") or "bfloat16"),
                               "eos_token_ids": tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])})
@@ -154,7 +163,9 @@ class SamplingParams:
 
 
 # -----------------------------------------------------------------------------
-# Model: tensor-parallel linear layers (`weight_loader` cuts this rank's shard from a checkpoint tensor), then Qwen3
+# Model: tensor-parallel linear layers (`weight_loader` cuts this rank's shard from a checkpoint tensor), then the
+# decoder, one for every family, named after HF's module paths: Qwen3 (dense and MoE: per-head q/k norms), Qwen2
+# (q/k/v biases) and Llama (biases, llama3 RoPE scaling) differ only where the config says
 
 @dataclass
 class Parallel:
@@ -167,31 +178,36 @@ class Parallel:
 class MergedColumnParallelLinear(nn.Module):  # W = [this rank's rows of q | of k | of v] (or gate | up): one matmul
     # out_features: one size per part. experts=(E,): one such W per expert, stacked (E, rows, in_features); the MoE
     # block computes with them (fused_moe), this module holds and loads them (each expert's as a W of its own)
-    def __init__(self, in_features, out_features, tp, experts=()):
+    def __init__(self, in_features, out_features, tp, bias=False, experts=()):
         super().__init__()
         self.tp, self.rows = tp, [n // tp.size for n in out_features]
         self.weight = nn.Parameter(torch.empty(*experts, sum(self.rows), in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(sum(self.rows)), requires_grad=False) if bias else None  # same rows
 
-    def weight_loader(self, param, loaded, part):
+    def weight_loader(self, param, loaded, part):  # the weight's rows, or the bias's: the same cut
         start, rows = sum(self.rows[:part]), self.rows[part]
         param.data[start:start + rows].copy_(loaded.narrow(0, self.tp.rank * rows, rows))
 
     def forward(self, x, norm=None, residual=None):  # a norm: -> (self(norm(x, residual)), x + residual)
-        return linear(x, self.weight, norm, residual)
+        return linear(x, self.weight, norm, residual, bias=self.bias)
 
 class RowParallelLinear(nn.Module):  # y = x @ W.T, W's input columns split: each rank's partial sum is all-reduced
-    def __init__(self, in_features, out_features, tp, experts=()):  # experts: as in MergedColumnParallelLinear
+    def __init__(self, in_features, out_features, tp, bias=False, experts=()):  # experts: as in the column one
         super().__init__()
         self.tp = tp
         self.weight = nn.Parameter(torch.empty(*experts, out_features, in_features // tp.size), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None  # whole, every rank
 
-    def weight_loader(self, param, loaded):
-        param.data.copy_(loaded.narrow(1, self.tp.rank * param.shape[1], param.shape[1]))  # this rank's columns
+    def weight_loader(self, param, loaded):  # the weight: this rank's columns; the bias: all of it
+        columns = param.shape[-1]
+        param.data.copy_(loaded if param is self.bias else loaded.narrow(1, self.tp.rank * columns, columns))
 
     def forward(self, x, swiglu=False):  # swiglu: x = [gate | up], multiplied after SwiGLU
         y = linear(x, self.weight, swiglu=swiglu)
         if self.tp.size > 1:
             dist.all_reduce(y, group=self.tp.group)
+        if self.bias is not None:  # added once, to the sum of the ranks' partial products
+            y = y + self.bias
         return y
 
 class VocabParallelEmbedding(nn.Module):  # a contiguous slice of the vocabulary per rank (padded to a TP-size multiple)
@@ -231,8 +247,15 @@ def rms_norm(x, weight, eps):  # normalise in fp32 like the reference, scale in 
     xf = x.float()
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
-def rope_table(head_dim, max_position, theta):  # -> cos_sin (max_position, head_dim) fp32: [cos | sin] per position
+def rope_table(head_dim, max_position, theta, scaling=None):  # -> cos_sin (max_position, head_dim) fp32: [cos | sin]
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)
+    if scaling is not None:  # Llama 3.1's: wavelengths longer than the original context / low_freq_factor are
+        # stretched by factor, those shorter than it / high_freq_factor kept, those between blended smoothly
+        original, low, high = (scaling[k] for k in ("original_max_position_embeddings", "low_freq_factor",
+                                                     "high_freq_factor"))
+        wavelen = 2 * torch.pi / inv_freq
+        smooth = ((original / wavelen - low) / (high - low)).clamp(0, 1)
+        inv_freq = (1 - smooth) * inv_freq / scaling["factor"] + smooth * inv_freq
     freqs = torch.outer(torch.arange(max_position, dtype=torch.float), inv_freq)
     return torch.cat([freqs.cos(), freqs.sin()], -1)
 
@@ -264,11 +287,12 @@ def pdl(x):  # -> the launch arguments: the kernel's PDL flag and the launch mod
     return dict(PDL=on, launch_pdl=on)
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, out_ptr, residual_ptr, summed_ptr, norm_ptr, eps, N, K,
+def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, residual_ptr, summed_ptr, norm_ptr, eps, N, K,
                  PROLOGUE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     # one row: out (N,) = f(x) @ W.T with W (N, K); a program computes BLOCK_N outputs and reads its rows of W once.
     # f is folded in, rounded to the model's dtype where its reference rounds: "none"; "swiglu", x = [gate | up] (2K
     # wide); "norm", RMSNorm of x + residual (one tile: BLOCK_K >= K), the sum stored to summed by program 0.
+    # A bias (bias_ptr not None) is added in fp32 before the one rounding, as cuBLAS's epilogue adds it.
     pid = tl.program_id(0)
     dtype = w_ptr.dtype.element_ty
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -291,26 +315,30 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, residual_ptr, summed_ptr, norm_ptr, eps,
             x = (x * tl.rsqrt(tl.sum(x * x, 0) / K + eps)).to(dtype).to(tl.float32)
             x = (tl.load(norm_ptr + ks, mask=ks < K, other=0.0).to(tl.float32) * x).to(dtype).to(tl.float32)
         acc += w.to(tl.float32) * x[None, :]
-    tl.store(out_ptr + cols, tl.sum(acc, 1).to(dtype), mask=cols < N)
+    out = tl.sum(acc, 1)
+    if bias_ptr is not None:
+        out += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    tl.store(out_ptr + cols, out.to(dtype), mask=cols < N)
 
-def gemv(x, weight, norm=None, residual=None, swiglu=False):  # x (1, K or 2K): see linear(); 2 outputs per program
+def gemv(x, weight, norm=None, residual=None, swiglu=False, bias=None):  # x (1, K or 2K): see linear()
     (N, K), summed = weight.shape, None if norm is None else torch.empty_like(x)
     out = torch.empty(1, N, dtype=x.dtype, device=x.device)
-    _gemv_kernel[(cdiv(N, 2),)](
-        x, weight, out, residual, summed, None if norm is None else norm.weight, 0.0 if norm is None else norm.eps,
-        N, K, PROLOGUE="swiglu" if swiglu else "none" if norm is None else "norm", BLOCK_N=2, **pdl(x),
-        BLOCK_K=triton.next_power_of_2(K) if norm is not None else min(1024, triton.next_power_of_2(K)))
+    _gemv_kernel[(cdiv(N, 2),)](  # 2 outputs per program
+        x, weight, bias, out, residual, summed, None if norm is None else norm.weight,
+        0.0 if norm is None else norm.eps, N, K, PROLOGUE="swiglu" if swiglu else "none" if norm is None else "norm",
+        BLOCK_N=2, BLOCK_K=triton.next_power_of_2(K) if norm is not None else min(1024, triton.next_power_of_2(K)),
+        **pdl(x))
     return out if norm is None else (out, summed)
 
-def linear(x, weight, norm=None, residual=None, swiglu=False):
-    # y = f(x) @ W.T, f: RMSNorm of x + residual (-> (y, x + residual)), SwiGLU of x = [gate | up], or nothing.
+def linear(x, weight, norm=None, residual=None, swiglu=False, bias=None):
+    # y = f(x) @ W.T (+ bias), f: RMSNorm of x + residual (-> (y, x + residual)), SwiGLU of x = [gate | up], or nothing.
     # One row on a GPU (one sequence decoding) is one Triton GEMV with f folded in: there launches cost more than bytes
     if x.is_cuda and x.shape[0] == 1:
-        return gemv(x, weight, norm, residual, swiglu)
+        return gemv(x, weight, norm, residual, swiglu, bias)
     if norm is not None:
         x, residual = norm(x, residual)
-        return F.linear(x, weight), residual
-    return F.linear(silu_and_mul(x) if swiglu else x, weight)
+        return F.linear(x, weight, bias), residual
+    return F.linear(silu_and_mul(x) if swiglu else x, weight, bias)
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
@@ -320,36 +348,39 @@ class RMSNorm(nn.Module):
     def forward(self, x, residual):  # the residual stream: -> (normalised, x + residual)
         return add_rms_norm(x, residual, self.weight, self.eps)
 
-class Qwen3Attention(nn.Module):
+class Attention(nn.Module):
     def __init__(self, cfg, tp):
         super().__init__()
         self.scale = cfg.head_dim ** -0.5
         q_size, kv_size = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-        self.qkv_proj = MergedColumnParallelLinear(cfg.hidden_size, [q_size, kv_size, kv_size], tp)
-        self.o_proj = RowParallelLinear(q_size, cfg.hidden_size, tp)
-        # per-head q/k norms: their weights go to qk_norm_rope_store, which fuses them with RoPE and the cache write
-        self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps), RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.qkv_proj = MergedColumnParallelLinear(cfg.hidden_size, [q_size, kv_size, kv_size], tp, cfg.qkv_bias)
+        self.o_proj = RowParallelLinear(q_size, cfg.hidden_size, tp, cfg.attention_bias)
+        # Qwen3's per-head q/k norms (Qwen2 and Llama have none): their weights go to qk_norm_rope_store, which fuses
+        # them with RoPE and the cache write
+        self.eps = cfg.rms_norm_eps
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_cache = self.v_cache = torch.tensor([])  # bound to this layer's slices of the engine's cache later
 
     def forward(self, positions, x, residual, norm, cos_sin, meta):  # -> (output, x + residual); q is this rank's
         qkv, residual = self.qkv_proj(x, norm, residual)  # heads, (N, heads, hd) after the q/k norms and RoPE
         write = qk_norm_rope_store if x.is_cuda else qk_norm_rope_store_reference  # Triton or plain torch
-        q = write(qkv, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, positions, cos_sin,
-                  self.k_cache, self.v_cache, meta.slot_mapping)
+        norms = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
+        q = write(qkv, *norms, self.eps, positions, cos_sin, self.k_cache, self.v_cache, meta.slot_mapping)
         return self.o_proj(paged_attention(q, self.k_cache, self.v_cache, meta, self.scale).flatten(1)), residual
 
-class Qwen3MLP(nn.Module):
+class MLP(nn.Module):
     def __init__(self, cfg, tp):
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, tp)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, tp)
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, tp, cfg.mlp_bias)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, tp, cfg.mlp_bias)
 
     def forward(self, x, residual, norm):  # -> (output, x + residual)
         gate_up, residual = self.gate_up_proj(x, norm, residual)
         return self.down_proj(gate_up, swiglu=True), residual
 
 # ---- Mixture of experts (Qwen3-MoE): a router sends each token to its top_k experts, each a SwiGLU MLP of its own
-class Qwen3MoeSparseMoeBlock(nn.Module):
+class SparseMoeBlock(nn.Module):
     def __init__(self, cfg, tp):
         super().__init__()
         self.tp, self.top_k, self.norm_topk_prob = tp, cfg.num_experts_per_tok, cfg.norm_topk_prob
@@ -357,8 +388,8 @@ class Qwen3MoeSparseMoeBlock(nn.Module):
         # every expert's gate|up and down, stacked; each rank holds its slice of every expert's intermediate dim
         size, experts = cfg.moe_intermediate_size, (cfg.num_experts,)
         self.experts = nn.ModuleDict(dict(
-            gate_up_proj=MergedColumnParallelLinear(cfg.hidden_size, [size] * 2, tp, experts),
-            down_proj=RowParallelLinear(size, cfg.hidden_size, tp, experts)))
+            gate_up_proj=MergedColumnParallelLinear(cfg.hidden_size, [size] * 2, tp, experts=experts),
+            down_proj=RowParallelLinear(size, cfg.hidden_size, tp, experts=experts)))
 
     def forward(self, x, residual, norm):  # -> (output, x + residual)
         x, residual = norm(x, residual)
@@ -441,25 +472,26 @@ def fused_moe(x, gate_up, down, weights, ids):  # Triton: fused_moe_reference's 
             TOP_K=top_k, SWIGLU=swiglu, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, UPCAST=not x.is_cuda, num_warps=4)
     return out.view(num_tokens, top_k, hidden).sum(1)  # each token's top_k weighted outputs
 
-class Qwen3DecoderLayer(nn.Module):
+class DecoderLayer(nn.Module):
     def __init__(self, cfg, tp, index):
         super().__init__()
-        self.input_layernorm, self.self_attn = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps), Qwen3Attention(cfg, tp)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, tp)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         sparse = cfg.num_experts and index not in cfg.mlp_only_layers and (index + 1) % cfg.decoder_sparse_step == 0
-        mlp = Qwen3MoeSparseMoeBlock if sparse else Qwen3MLP  # a MoE model's dense layers: where its config says
-        self.post_attention_layernorm, self.mlp = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps), mlp(cfg, tp)
+        self.mlp = (SparseMoeBlock if sparse else MLP)(cfg, tp)  # a MoE model's dense layers: per config
 
     def forward(self, positions, h, residual, cos_sin, meta):  # each norm is applied (residual added) by the
         h, residual = self.self_attn(positions, h, residual, self.input_layernorm, cos_sin, meta)  # projection after it
         return self.mlp(h, residual, self.post_attention_layernorm)
 
-class Qwen3Model(nn.Module):
+class Model(nn.Module):
     def __init__(self, cfg, tp):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
-        self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg, tp, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, tp, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        cos_sin = rope_table(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
+        cos_sin = rope_table(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("cos_sin", cos_sin, persistent=False)
 
     def forward(self, input_ids, positions, meta):
@@ -469,13 +501,13 @@ class Qwen3Model(nn.Module):
             h, residual = layer(positions, h, residual, self.cos_sin, meta)
         return self.norm(h, residual)[0]
 
-class Qwen3ForCausalLM(nn.Module):  # module paths = checkpoint keys; packed parts load through this map
+class ForCausalLM(nn.Module):  # module paths = checkpoint keys; packed parts load through this map
     packed = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
               "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
     def __init__(self, cfg, tp):
         super().__init__()
-        self.model, self.lm_head = Qwen3Model(cfg, tp), ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
+        self.model, self.lm_head = Model(cfg, tp), ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -484,7 +516,8 @@ class Qwen3ForCausalLM(nn.Module):  # module paths = checkpoint keys; packed par
         files = sorted(Path(path).glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"no *.safetensors files in {path!r} (pickled .bin checkpoints are not loaded)")
-        missing = {name for name, _ in self.named_parameters()}
+        params = dict(self.named_parameters())
+        missing = set(params)
         for file in files:  # one file, or the shards that model.safetensors.index.json lists
             with safe_open(file, "pt", "cpu") as f:
                 for key in f.keys():
@@ -496,10 +529,12 @@ class Qwen3ForCausalLM(nn.Module):  # module paths = checkpoint keys; packed par
                     part = name.split(".")[-2]  # e.g. q_proj, which is part 0 of qkv_proj
                     packed_part, *shard = self.packed.get(part, (part,))
                     name = name.replace(f".{part}.", f".{packed_part}.")
+                    if name not in params:  # e.g. Qwen3's q_norm in a checkpoint that says it is a Llama
+                        raise ValueError(f"checkpoint {path!r} has a weight its architecture lacks: {key}")
                     module = self.get_submodule(name.rpartition(".")[0])
                     loader = getattr(module, "weight_loader", lambda p, w: p.data.copy_(w))  # norms: whole
-                    param = self.get_parameter(name)
-                    loader(param if expert is None else param[int(expert[1])], f.get_tensor(key), *shard)
+                    param = params[name] if expert is None else params[name][int(expert[1])]
+                    loader(param, f.get_tensor(key), *shard)
                     missing.discard(name)
         if missing:
             raise ValueError(f"checkpoint {path!r} lacks weights: {sorted(missing)[:5]}")
@@ -522,10 +557,13 @@ class AttnMeta:
     max_seqlen_q: int            # 1 for a decode step
 
 def qk_norm_rope_store_reference(qkv, q_norm, k_norm, eps, positions, cos_sin, k_cache, v_cache, slot_mapping):
-    # qkv (N, (heads + 2 kv_heads) * hd): Qwen3 normalises each q and k head, then RoPE; k and v go to the cache
+    # qkv (N, (heads + 2 kv_heads) * hd): Qwen3 normalises each q and k head (q_norm, k_norm None: Qwen2 and Llama do
+    # not), then RoPE; k and v go to the cache
     kv_heads, head_dim = k_cache.shape[2:]
     q, k, v = qkv.unflatten(1, (-1, head_dim)).split([qkv.shape[1] // head_dim - 2 * kv_heads, kv_heads, kv_heads], 1)
-    q, k = (apply_rope(rms_norm(x, weight, eps), positions, cos_sin) for x, weight in ((q, q_norm), (k, k_norm)))
+    if q_norm is not None:
+        q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
+    q, k = apply_rope(q, positions, cos_sin), apply_rope(k, positions, cos_sin)
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
     k_cache.view(-1, kv_heads, head_dim)[slots] = k[keep]
@@ -554,16 +592,18 @@ LOG2_E = 1.4426950408889634  # softmax runs in base 2: exp(x) = exp2(x * log2(e)
 
 @triton.jit
 def _norm_rope_store(ptrs, out_ptrs, mask, weight_ptr, cos, sin, eps, HALF: tl.constexpr):
-    # (heads, HALF) pointers to the first half of each head -> both halves RMSNormed, rotated and stored at out_ptrs,
-    # rounded to the model's dtype where the reference rounds (after the norm, after the weight, after RoPE)
+    # (heads, HALF) pointers to the first half of each head -> both halves RMSNormed (weight_ptr None: not, as in Qwen2
+    # and Llama), rotated and stored at out_ptrs, rounded to the model's dtype where the reference rounds (after the
+    # norm, after the weight, after RoPE)
     x1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
-    inv_rms = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
     dtype = ptrs.dtype.element_ty
-    half = tl.arange(0, HALF)[None, :]
-    w1, w2 = tl.load(weight_ptr + half).to(tl.float32), tl.load(weight_ptr + HALF + half).to(tl.float32)
-    x1 = (w1 * (x1 * inv_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-    x2 = (w2 * (x2 * inv_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    if weight_ptr is not None:
+        inv_rms = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
+        half = tl.arange(0, HALF)[None, :]
+        w1, w2 = tl.load(weight_ptr + half).to(tl.float32), tl.load(weight_ptr + HALF + half).to(tl.float32)
+        x1 = (w1 * (x1 * inv_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        x2 = (w2 * (x2 * inv_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
     tl.store(out_ptrs, (x1 * cos - x2 * sin).to(dtype), mask=mask)
     tl.store(out_ptrs + HALF, (x2 * cos + x1 * sin).to(dtype), mask=mask)
 
@@ -573,7 +613,8 @@ def _qk_norm_rope_store_kernel(qkv_ptr, q_ptr, q_norm_ptr, k_norm_ptr, cos_sin_p
                                HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                                PDL: tl.constexpr):
     # grid: (num_tokens,). A program reads one token's row of qkv, [q heads | k heads | v heads] x head_dim, and
-    # writes q normalised and rotated to q_ptr (N, heads, head_dim), k likewise and v as it is to the token's slot
+    # writes q normalised (if norm pointers are given) and rotated to q_ptr (N, heads, head_dim), k likewise and v as
+    # it is to the token's slot
     token = tl.program_id(0).to(tl.int64)
     HALF: tl.constexpr = HEAD_DIM // 2
     half = tl.arange(0, HALF)[None, :]
@@ -1031,7 +1072,7 @@ class ModelRunner:
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if config.device == "cuda" else config.device)
         torch.set_default_dtype(config.torch_dtype)
         with self.device:
-            self.model = Qwen3ForCausalLM(hf, tp)
+            self.model = ForCausalLM(hf, tp)
         torch.set_default_dtype(torch.float32)
         self.model.load_weights(config.model, hf.tie_word_embeddings)
         self.kv_heads = hf.num_key_value_heads // tp.size
@@ -1478,7 +1519,8 @@ class LLM:
 
 
 # -----------------------------------------------------------------------------
-# A tiny random-weight Qwen3 with its own tokenizer: the offline demo, and the checkpoints tests use
+# A tiny random-weight checkpoint (Qwen3, or any HF architecture) with its own tokenizer: the offline demo, and the
+# checkpoints tests and bench.py use
 
 def build_random_checkpoint(path, seed=0, dtype=torch.float32, architecture="Qwen3ForCausalLM", **config):
     import transformers
@@ -1499,6 +1541,9 @@ def build_random_checkpoint(path, seed=0, dtype=torch.float32, architecture="Qwe
     torch.manual_seed(seed)
     config_class = getattr(transformers, architecture.replace("ForCausalLM", "Config"))  # Qwen3Config, ...
     model = getattr(transformers, architecture)(config_class(eos_token_id=eos, **config)).to(dtype)  # + generation cfg
+    for name, param in model.named_parameters():  # HF starts biases at 0: random ones, so that tests can see them
+        if name.endswith(".bias"):
+            param.data.normal_(std=0.5)
     model.save_pretrained(path)
     return path
 
@@ -1578,7 +1623,7 @@ def chat(llm, params, read=input):
 # main(): the command line; under torchrun, data-parallel groups of tensor_parallel_size ranks split the prompts
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="nanollm: offline generation with a Qwen3 checkpoint")
+    p = argparse.ArgumentParser(description="nanollm: offline generation with a Qwen3 (dense or MoE), Qwen2 or Llama 3 checkpoint")
     p.add_argument("--model", help="local HF checkpoint directory (none: a tiny random demo model)")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     p.add_argument("--chat", action="store_true", help="chat template; without --prompt an interactive chat")

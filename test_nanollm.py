@@ -6,6 +6,7 @@ import os
 import random
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,18 +27,31 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 
-# tiny random Qwen3s: GQA ratio 2 untied, GQA ratio 4 tied; and Qwen3-MoEs: top-1 of 4 experts renormalised (a
-# weight of 1), top-2 of 8 raw with layer 0 dense by decoder_sparse_step, top-3 of 8 renormalised, tied, with a dense
-# layer by mlp_only_layers
+# Llama 3.1's RoPE scaling with an original context of 32 tokens, which the tests' prompts and outputs run past
+# (HF's configs add rope_theta to the dict they are given: pass them copies)
+LLAMA3_ROPE = dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=32)
 MOE = dict(architecture="Qwen3MoeForCausalLM", num_attention_heads=4, num_key_value_heads=2, moe_intermediate_size=32)
+
+# tiny random checkpoints: Qwen3 with GQA ratio 2 untied and ratio 4 tied; Qwen2 (q/k/v biases, no q/k norms) untied;
+# Llama with every bias, llama3 RoPE and tied embeddings. Without q/k norms, HF's default weight scale (0.02) leaves
+# attention almost uniform, blind to RoPE: 0.1 makes the tests see positions. Qwen3-MoEs: top-1 of 4 experts
+# renormalised (a weight of 1), top-2 of 8 raw with layer 0 dense by decoder_sparse_step, top-3 of 8 renormalised,
+# tied, with a dense layer by mlp_only_layers.
 CHECKPOINTS = {
     "gqa2-untied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
     "gqa4-tied": dict(num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2-gqa2-untied": dict(architecture="Qwen2ForCausalLM", num_attention_heads=4, num_key_value_heads=2,
+                              tie_word_embeddings=False, initializer_range=0.1),
+    "llama3-gqa4-tied": dict(architecture="LlamaForCausalLM", num_attention_heads=8, num_key_value_heads=2,
+                             tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
+                             rope_scaling=dict(LLAMA3_ROPE), initializer_range=0.1),
     "moe-top1": MOE | dict(num_experts=4, num_experts_per_tok=1, norm_topk_prob=True),
     "moe-top2-sparse-step": MOE | dict(num_experts=8, num_experts_per_tok=2, decoder_sparse_step=2),
     "moe-top3-tied": MOE | dict(num_experts=8, num_experts_per_tok=3, norm_topk_prob=True, num_hidden_layers=3,
                                 mlp_only_layers=[1], tie_word_embeddings=True),
 }
+FAMILIES = ["gqa4-tied", "qwen2-gqa2-untied", "llama3-gqa4-tied", "moe-top2-sparse-step"]  # one of each family
 
 
 @pytest.fixture(scope="session")
@@ -53,12 +67,21 @@ def hf_models(checkpoints):
             for name, path in checkpoints.items()}
 
 
+REALISTIC = {  # for GPU tests: head_dim 128 and hidden 256, as real attention runs them, one of each family
+    "realistic": dict(),
+    "realistic-qwen2": dict(architecture="Qwen2ForCausalLM", initializer_range=0.1),
+    "realistic-llama3": dict(architecture="LlamaForCausalLM", rope_scaling=dict(LLAMA3_ROPE), initializer_range=0.1),
+}
+
+
 @pytest.fixture(scope="session")
-def realistic(tmp_path_factory):  # for GPU tests: head_dim 128 and hidden 256, as real attention runs them
+def realistic(tmp_path_factory):  # name -> (path, HF model)
     from transformers import AutoModelForCausalLM
-    path = build_random_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "realistic"), hidden_size=256,
-                                   intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=128)
-    return path, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    paths = {name: build_random_checkpoint(str(tmp_path_factory.mktemp("ckpt") / name), hidden_size=256,
+                                           intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                                           head_dim=128, **cfg) for name, cfg in REALISTIC.items()}
+    return {name: (path, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval())
+            for name, path in paths.items()}
 
 
 def hf_greedy(hf, prompt, max_tokens):
@@ -104,7 +127,7 @@ def test_string_prompts_match_hf(checkpoints, hf_models):
         assert out["text"] == llm.tokenizer.decode(ref, skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("name", ["gqa4-tied", "moe-top2-sparse-step"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_prefix_cache_across_calls(checkpoints, hf_models, name):
     prefix = random_prompts([3 * 16 + 5], seed=1)[0]  # three full blocks and a bit
     first = [prefix + s for s in random_prompts([4, 9], seed=2)]
@@ -138,9 +161,10 @@ def test_chunked_prefill(checkpoints, hf_models):
     assert_all_blocks_free(llm)
 
 
-@pytest.mark.parametrize("prefix_caching", [True, False])
-@pytest.mark.parametrize("name", ["gqa4-tied", "moe-top3-tied"])
-def test_preemption_loses_nothing(checkpoints, hf_models, prefix_caching, name):
+@pytest.mark.parametrize("name, prefix_caching", [("gqa4-tied", True), ("gqa4-tied", False),
+                                                  ("qwen2-gqa2-untied", True), ("llama3-gqa4-tied", True),
+                                                  ("moe-top3-tied", True), ("moe-top3-tied", False)])
+def test_preemption_loses_nothing(checkpoints, hf_models, name, prefix_caching):
     prompts = random_prompts([20, 5, 33, 17, 12, 40], seed=6)
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     # 10 blocks of 16 tokens: each sequence needs 3-5 blocks at full length, so they cannot all run
@@ -312,14 +336,53 @@ def test_bad_model_paths(tmp_path, checkpoints):
     other = tmp_path / "llama"
     shutil.copytree(checkpoints["gqa2-untied"], other)
     cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(dict(cfg, architectures=["MistralForCausalLM"])))
+    with pytest.raises(ValueError, match="unsupported: architecture 'MistralForCausalLM'"):
+        LLM(str(other))
     (other / "config.json").write_text(json.dumps(dict(cfg, architectures=["LlamaForCausalLM"])))
-    with pytest.raises(ValueError, match="LlamaForCausalLM"):
+    with pytest.raises(ValueError, match="has a weight its architecture lacks: .*_norm"):  # Qwen3's q/k norms
         LLM(str(other))
     for f in other.glob("*.safetensors"):
         f.unlink()
     (other / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(FileNotFoundError, match="safetensors"):
         LLM(str(other))
+
+
+def test_config_spellings_and_unsupported_variants(tmp_path, checkpoints):
+    # transformers 5 writes rope_parameters with rope_theta inside, 4.x rope_scaling ("type" in older files) beside a
+    # top-level rope_theta; head_dim may be missing (then hidden / heads); generation_config.json's eos ids win
+    saved = json.loads((Path(checkpoints["llama3-gqa4-tied"]) / "config.json").read_text())
+    assert saved["rope_parameters"]["rope_type"] == "llama3"  # what this transformers wrote
+    base = {k: v for k, v in saved.items() if k not in ("rope_parameters", "rope_scaling", "rope_theta", "head_dim")}
+
+    def load(**changes):
+        (tmp_path / "config.json").write_text(json.dumps(base | changes))
+        return nanollm.load_model_config(str(tmp_path))
+    old = dict(LLAMA3_ROPE, type=LLAMA3_ROPE["rope_type"])
+    del old["rope_type"]
+    for cfg in [load(rope_parameters=dict(LLAMA3_ROPE, rope_theta=5e5)), load(rope_scaling=LLAMA3_ROPE, rope_theta=5e5),
+                load(rope_scaling=old, rope_theta=5e5)]:
+        assert cfg.rope_theta == 5e5 and cfg.rope_scaling["factor"] == 4.0 and cfg.head_dim == 64 // 8
+        assert not cfg.qk_norm and cfg.qkv_bias and cfg.attention_bias and cfg.mlp_bias
+    for cfg in [load(rope_parameters=dict(rope_type="default", rope_theta=1e6)), load(rope_theta=1e6),
+                load(rope_scaling=None, rope_theta=1e6)]:
+        assert cfg.rope_theta == 1e6 and cfg.rope_scaling is None
+    qwen2 = load(architectures=["Qwen2ForCausalLM"], attention_bias=None, mlp_bias=None, use_sliding_window=False,
+                 sliding_window=4096, layer_types=["full_attention"] * 2)  # a window that is off: fine
+    assert qwen2.qkv_bias and not (qwen2.attention_bias or qwen2.mlp_bias or qwen2.qk_norm)
+    assert load().rope_theta == 10000.0 and load(head_dim=32).head_dim == 32
+    for changes, what in [(dict(rope_scaling=dict(rope_type="yarn", factor=4.0)), "rope scaling 'yarn'"),
+                          (dict(rope_parameters=dict(rope_type="linear", factor=2.0)), "rope scaling 'linear'"),
+                          (dict(rope_scaling=dict(type="dynamic", factor=2.0)), "rope scaling 'dynamic'"),
+                          (dict(use_sliding_window=True), "sliding-window"),
+                          (dict(layer_types=["full_attention", "sliding_attention"]), "sliding-window"),
+                          (dict(architectures=["MistralForCausalLM"]), "architecture 'MistralForCausalLM'"),
+                          (dict(hidden_act="gelu"), "activation 'gelu'")]:
+        with pytest.raises(ValueError, match="unsupported: " + what):
+            load(**changes)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [128001, 128008, 128009]}))
+    assert load(eos_token_id=128001).eos_token_ids == (128001, 128008, 128009)  # Llama 3's three
 
 
 @pytest.mark.parametrize("bad", [
@@ -535,13 +598,14 @@ def test_decode_num_splits_invariant(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(6, 3, 64), (16, 8, 128)], ids=["padded", "0.6B"])
-def test_qk_norm_rope_store(dtype, num_heads, num_kv_heads, head_dim):  # 6 and 3 heads: padded to powers of two
+@pytest.mark.parametrize("qk_norm", [True, False], ids=["qk-norm", "no-norm"])  # Qwen3; Qwen2 and Llama (llama3 RoPE)
+def test_qk_norm_rope_store(dtype, num_heads, num_kv_heads, head_dim, qk_norm):  # 6 and 3 heads: padded to powers of 2
     torch.manual_seed(0)
     num_tokens = 37
     qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, dtype=dtype, device=DEVICE)
-    q_norm, k_norm = (1 + torch.randn(head_dim, dtype=dtype, device=DEVICE) / 4 for _ in range(2))
+    q_norm, k_norm = (1 + torch.randn(head_dim, dtype=dtype, device=DEVICE) / 4 if qk_norm else None for _ in range(2))
     positions = torch.randint(0, 4096, (num_tokens,), dtype=torch.int32, device=DEVICE)
-    cos_sin = nanollm.rope_table(head_dim, 4096, 1e6).to(DEVICE)
+    cos_sin = nanollm.rope_table(head_dim, 4096, 1e6, None if qk_norm else LLAMA3_ROPE).to(DEVICE)
     slot_mapping = torch.randperm(8 * 16)[:num_tokens].to(torch.int32)
     slot_mapping[::5] = -1  # CUDA-graph padding rows
     slot_mapping = slot_mapping.to(DEVICE)
@@ -563,16 +627,18 @@ def test_qk_norm_rope_store(dtype, num_heads, num_kv_heads, head_dim):  # 6 and 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("in_features, out_features", [(64, 96), (200, 37), pytest.param(1024, 4096, marks=cuda)])
-def test_gemv_with_folded_norm_and_swiglu(dtype, in_features, out_features):  # one row: the single-stream decode
+@pytest.mark.parametrize("with_bias", [False, True], ids=["", "bias"])  # Qwen2's q/k/v, Llama's attention_bias
+def test_gemv_with_folded_norm_and_swiglu(dtype, in_features, out_features, with_bias):  # one row: single-stream decode
     torch.manual_seed(in_features)
     weight = torch.randn(out_features, in_features, dtype=dtype, device=DEVICE) / in_features ** 0.5
+    bias = torch.randn(out_features, dtype=dtype, device=DEVICE) if with_bias else None
     x, residual = torch.randn(2, 1, in_features, dtype=dtype, device=DEVICE)
     norm = nanollm.RMSNorm(in_features, 1e-6).to(DEVICE)
     norm.weight.data = (1 + torch.randn(in_features, device=DEVICE) / 4).to(dtype)
-    reference = dict(none=lambda: F.linear(x, weight), norm=lambda: F.linear(norm(x, residual)[0], weight),
-                     swiglu=lambda: F.linear(nanollm.silu_and_mul(torch.cat([x, residual], 1)), weight))
-    outs = dict(none=nanollm.gemv(x, weight), norm=nanollm.gemv(x, weight, norm, residual),
-                swiglu=nanollm.gemv(torch.cat([x, residual], 1), weight, swiglu=True))
+    reference = dict(none=lambda: F.linear(x, weight, bias), norm=lambda: F.linear(norm(x, residual)[0], weight, bias),
+                     swiglu=lambda: F.linear(nanollm.silu_and_mul(torch.cat([x, residual], 1)), weight, bias))
+    outs = dict(none=nanollm.gemv(x, weight, bias=bias), norm=nanollm.gemv(x, weight, norm, residual, bias=bias),
+                swiglu=nanollm.gemv(torch.cat([x, residual], 1), weight, swiglu=True, bias=bias))
     out, summed = outs["norm"]
     if DEVICE == "cuda" or dtype == torch.float32:  # (the interpreter's bf16 and fp16 roundings are off)
         assert torch.equal(summed, x + residual)
@@ -583,10 +649,12 @@ def test_gemv_with_folded_norm_and_swiglu(dtype, in_features, out_features):  # 
 
 
 HOPPER_LAUNCHES = [  # each kernel with the compile-time constants the engine gives it for Qwen3-0.6B in bf16
-    *[(nanollm._gemv_kernel, dict(PROLOGUE=prologue, BLOCK_N=2, BLOCK_K=1024, PDL=True))
+    *[(nanollm._gemv_kernel, dict(PROLOGUE=prologue, BLOCK_N=2, BLOCK_K=1024, PDL=True, bias_ptr=None))
       for prologue in ("none", "swiglu", "norm")],
-    (nanollm._qk_norm_rope_store_kernel, dict(NUM_HEADS=16, NUM_KV_HEADS=8, HEADS_PAD=16, KV_HEADS_PAD=8,
-                                               HEAD_DIM=128, PDL=True)),
+    (nanollm._gemv_kernel, dict(PROLOGUE="norm", BLOCK_N=2, BLOCK_K=1024, PDL=True)),  # with a bias: Qwen2's q/k/v
+    *[(nanollm._qk_norm_rope_store_kernel, dict(NUM_HEADS=16, NUM_KV_HEADS=8, HEADS_PAD=16, KV_HEADS_PAD=8,
+                                                HEAD_DIM=128, PDL=True, **no_norm))
+      for no_norm in ({}, dict(q_norm_ptr=None, k_norm_ptr=None))],  # Qwen3; Qwen2 and Llama
     (nanollm._prefill_attention_kernel, dict(NUM_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_SIZE=256, BLOCK_M=64,
                                              BLOCK_N=64, UPCAST=False)),
     *[(nanollm._decode_attention_kernel, dict(NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_SIZE=256, GROUP=2, GROUP_PAD=16,
@@ -601,8 +669,8 @@ HOPPER_LAUNCHES = [  # each kernel with the compile-time constants the engine gi
 def compile_kernels_for_hopper():  # in a process without TRITON_INTERPRET: see the next test
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    bf16 = {"qkv", "q_norm", "k_norm", "k_cache", "v_cache", "q", "out", "logits", "x", "w", "residual", "summed", "norm",
-            "a", "weights"}
+    bf16 = {"qkv", "q_norm", "k_norm", "k_cache", "v_cache", "q", "out", "logits", "x", "w", "bias", "residual",
+            "summed", "norm", "a", "weights"}
     fp32 = {"cos_sin", "part_m", "part_l", "part_acc", "temperature", "best"}
     for kernel, constants in HOPPER_LAUNCHES:
         def arg_type(name):
@@ -656,11 +724,12 @@ def test_kernels_at_real_shapes(dtype, block_size, head_dim):
 
 
 @cuda
-@pytest.mark.parametrize("name", ["gqa4-tied", "realistic", "moe-top2-sparse-step"])
+@pytest.mark.parametrize("name", ["gqa4-tied", *REALISTIC, "moe-top2-sparse-step"])
 def test_gpu_end_to_end_fp32_with_cuda_graphs(checkpoints, hf_models, request, name):
     # fp32 on the GPU, Triton kernels and CUDA graphs on: greedy tokens equal HF's, with a prefix-cache
-    # hit and preemption in the same run; at head_dim 16 (tiny) and 128 (realistic), and the Triton MoE
-    path, hf = request.getfixturevalue(name) if name == "realistic" else (checkpoints[name], hf_models[name])
+    # hit and preemption in the same run; at head_dim 16 (tiny) and 128 (realistic: Qwen3, Qwen2, Llama 3), and the
+    # Triton MoE
+    path, hf = request.getfixturevalue("realistic")[name] if name in REALISTIC else (checkpoints[name], hf_models[name])
     prefix = random_prompts([40], seed=12)[0]
     prompts = random_prompts([1, 15, 16, 17, 33, 70], seed=13) + [prefix + [1], prefix + [2, 3]]
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
@@ -753,7 +822,7 @@ def test_moe_config_spellings_and_errors(tmp_path, checkpoints, hf_models):
     assert llm.generate([prompt], GREEDY, use_tqdm=False)[0]["token_ids"] == hf_greedy(hf_models[name], prompt, 12)
     for change, tp, message in [(dict(num_experts_per_tok=9), 1, "MoE config: 9 of 8 experts per token"),
                                 (dict(decoder_sparse_step=0), 1, "MoE config: .* decoder_sparse_step 0"),
-                                (dict(hidden_act="gelu"), 1, "MoE config: .* hidden_act 'gelu'"),
+                                (dict(hidden_act="gelu"), 1, "unsupported: activation 'gelu'"),
                                 (dict(moe_intermediate_size=33), 2, "must divide moe_intermediate_size 33")]:
         (path / "config.json").write_text(json.dumps(hub | change))
         with pytest.raises(ValueError, match=message):
@@ -852,7 +921,7 @@ def test_a_rank_that_fails_to_start_is_reported(checkpoints, monkeypatch, worker
 @two_gpus
 def test_two_gpu_tensor_parallel_equals_one_gpu(realistic):
     # NCCL connects at the first collective, after start-up: the case the CPU tests (gloo) cannot show
-    path, hf = realistic
+    path, hf = realistic["realistic"]
     prompts = random_prompts([1, 17, 33, 70, 130], seed=15)
     greedy = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     seeded = [SamplingParams(temperature=1.0, seed=s, max_tokens=30, ignore_eos=True) for s in range(len(prompts))]
