@@ -97,7 +97,9 @@ def build_layer_by_layer(path, architecture, config):
     (Path(path) / "model.safetensors.index.json").write_text(json.dumps(dict(metadata={}, weight_map=weight_map)))
     cfg = json.loads((Path(path) / "config.json").read_text())
     if moe:  # the template's layout back to the shape's
-        cfg |= dict(mlp_only_layers=config.get("mlp_only_layers", []), decoder_sparse_step=config.get("decoder_sparse_step", 1))
+        cfg |= dict(mlp_only_layers=config.get("mlp_only_layers", []),
+                    decoder_sparse_step=config.get("decoder_sparse_step", 1))
+    cfg.pop("layer_types", None)  # the template's, one per template layer: transformers rebuilds it for all layers
     (Path(path) / "config.json").write_text(json.dumps(cfg | dict(num_hidden_layers=layers), indent=2))
 
 
