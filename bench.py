@@ -190,7 +190,8 @@ def bench_moe_kernels(device, json_out=None):
     # The fused MoE (pairs sorted by expert, gate|up + SwiGLU, down + routing weights, sum per token) at
     # Qwen3-30B-A3B's shape, one layer, in bf16, as a decode step runs it: replayed from a CUDA graph. Reported: the
     # expert bytes read (each touched expert's gate|up and down once) over the median time, against the copy bandwidth.
-    assert device == "cuda", "--moe-kernels needs a GPU"
+    if device != "cuda":
+        raise SystemExit("--moe-kernels needs a GPU")
     num_experts, top_k, hidden, intermediate = 128, 8, 2048, 768
     copy_bw, _ = measure_hardware(device)
     gate_up = torch.randn(num_experts, 2 * intermediate, hidden, device=device, dtype=torch.bfloat16) * 0.02

@@ -2,7 +2,7 @@
 nanollm: a single-file LLM inference engine for Qwen3 (dense and MoE), Qwen2.5 and Llama 3.x, read top to bottom.
 
 What it does, in the order a request travels through this file:
-  config.json -> one model for the three, from tensor-parallel linear layers -> a paged KV cache read by attention
+  config.json -> one model for the three families, from tensor-parallel linear layers -> a paged KV cache read by attention
   (Triton kernels on the GPU, each beside the plain-torch reference it is tested against) -> a block manager that
   shares cached prompt prefixes by hashing blocks -> a scheduler doing continuous batching, chunked prefill and
   preemption -> a model runner that replays CUDA graphs for decode -> the LLM API (generate, or the step-level
@@ -70,18 +70,20 @@ def load_model_config(path):  # config.json as a namespace under HF's names, plu
                          f"Qwen2ForCausalLM and LlamaForCausalLM)")
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}  # transformers 5 moved rope_theta here
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        raise ValueError(f"unsupported: rope scaling {rope_type!r} (nanollm implements plain RoPE and 'llama3')")
+    llama3_keys = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    if rope_type not in ("default", "llama3") or (rope_type == "llama3" and not llama3_keys <= rope.keys()):
+        raise ValueError(f"unsupported: rope scaling {rope_type!r} with {sorted(rope)} (nanollm implements plain RoPE "
+                         f"and 'llama3' with {sorted(llama3_keys)})")
     if c.get("use_sliding_window") or set(c.get("layer_types") or []) - {"full_attention"}:
         raise ValueError("unsupported: sliding-window attention (nanollm attends to the whole context)")
     if c.get("hidden_act", "silu") != "silu":
         raise ValueError(f"unsupported: activation {c['hidden_act']!r} (nanollm's MLP is SwiGLU)")
     # Qwen3-MoE: transformers 5 writes num_experts as num_local_experts; 0 experts is a dense model
-    experts, top_k = c.setdefault("num_experts", c.get("num_local_experts", 0)), c.setdefault("num_experts_per_tok", 8)
-    step = c.get("decoder_sparse_step", 1)
-    if experts and not (0 < top_k <= experts and step > 0):
+    experts = c.setdefault("num_experts", c.get("num_local_experts", 0))
+    top_k = c.setdefault("num_experts_per_tok", 8)
+    if experts and not (0 < top_k <= experts and c.get("decoder_sparse_step", 1) > 0):
         raise ValueError(f"unsupported: MoE config: {top_k} of {experts} experts per token, decoder_sparse_step "
-                         f"{step} (supported: 1 <= num_experts_per_tok <= num_experts, step >= 1)")
+                         f"{c['decoder_sparse_step']} (supported: 1 <= num_experts_per_tok <= num_experts, step >= 1)")
     eos = c.get("eos_token_id")
     if Path(path, "generation_config.json").is_file():  # its eos ids win (Llama 3 lists several there)
         eos = json.loads(Path(path, "generation_config.json").read_text()).get("eos_token_id", eos)
@@ -139,8 +141,9 @@ class Config:
         if hf.num_attention_heads % tp or hf.num_key_value_heads % tp:
             raise ValueError(f"tensor_parallel_size {tp} must divide the heads "
                              f"({hf.num_attention_heads} query, {hf.num_key_value_heads} KV)")
-        if hf.num_experts and hf.moe_intermediate_size % tp:  # every rank holds a slice of every expert
-            raise ValueError(f"tensor_parallel_size {tp} must divide moe_intermediate_size {hf.moe_intermediate_size}")
+        for size in ("intermediate_size", "moe_intermediate_size") if hf.num_experts else ("intermediate_size",):
+            if getattr(hf, size) % tp:  # every rank holds a slice of every MLP (and of every expert)
+                raise ValueError(f"tensor_parallel_size {tp} must divide {size} {getattr(hf, size)}")
 
 @dataclass
 class SamplingParams:
@@ -383,7 +386,8 @@ class MLP(nn.Module):
 class SparseMoeBlock(nn.Module):
     def __init__(self, cfg, tp):
         super().__init__()
-        self.tp, self.top_k, self.norm_topk_prob = tp, cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.tp = tp
+        self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)  # the router: whole on every rank
         # every expert's gate|up and down, stacked; each rank holds its slice of every expert's intermediate dim
         size, experts = cfg.moe_intermediate_size, (cfg.num_experts,)
@@ -445,8 +449,8 @@ def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, pairs_ptr, tile_experts_ptr, weights
         acc = (acc / (1 + tl.exp(-acc))).to(dtype).to(tl.float32) * acc_up.to(dtype).to(tl.float32)
     else:
         acc = acc * tl.load(weights_ptr + pairs, mask=valid, other=0.0).to(tl.float32)[:, None]
-    out_offs = pairs.to(tl.int64)[:, None] * N + cols[None, :]
-    tl.store(out_ptr + out_offs, acc.to(dtype), mask=valid[:, None] & (cols[None, :] < N))
+    rows = pairs.to(tl.int64)[:, None]
+    tl.store(out_ptr + rows * N + cols[None, :], acc.to(dtype), mask=valid[:, None] & (cols[None, :] < N))
 
 def fused_moe(x, gate_up, down, weights, ids):  # Triton: fused_moe_reference's sums, computed expert by expert in tiles
     (num_tokens, top_k), (num_experts, _, hidden), device = ids.shape, gate_up.shape, x.device
@@ -465,7 +469,8 @@ def fused_moe(x, gate_up, down, weights, ids):  # Triton: fused_moe_reference's 
     pairs[(padded.cumsum(0) - padded)[expert] + rank] = order.int()  # each group starts at a whole tile
     # each tile's expert: how many groups end at or before its first row (num_experts: past the last group)
     tile_experts = torch.searchsorted(padded.cumsum(0), torch.arange(max_tiles, device=device) * block_m, right=True)
-    h, out = (torch.empty(num_pairs, n, dtype=x.dtype, device=device) for n in (down.shape[2], hidden))  # per pair
+    h = torch.empty(num_pairs, down.shape[2], dtype=x.dtype, device=device)  # per pair: SwiGLU's output
+    out = torch.empty(num_pairs, hidden, dtype=x.dtype, device=device)  # and the weighted down projection
     for a, w, y, swiglu in ((x, gate_up, h, True), (h, down, out, False)):  # y (num_pairs, N) = f(a @ W.T)
         _moe_gemm_kernel[(max_tiles, cdiv(y.shape[1], 64))](
             a, w, y, pairs, tile_experts, weights.flatten(), num_pairs, num_experts, y.shape[1], a.shape[1],
@@ -517,7 +522,11 @@ class ForCausalLM(nn.Module):  # module paths = checkpoint keys; packed parts lo
         if not files:
             raise FileNotFoundError(f"no *.safetensors files in {path!r} (pickled .bin checkpoints are not loaded)")
         params = dict(self.named_parameters())
-        missing = set(params)
+        missing = set()  # what must load: (name, expert, part) for each part (q, k, v; gate, up) of each expert's slice
+        for name, param in params.items():
+            parts = [part for packed, part in self.packed.values() if f".{packed}." in name] or [None]
+            experts = range(param.shape[0]) if ".experts." in name else [None]
+            missing |= {(name, expert, part) for expert in experts for part in parts}
         for file in files:  # one file, or the shards that model.safetensors.index.json lists
             with safe_open(file, "pt", "cpu") as f:
                 for key in f.keys():
@@ -530,14 +539,15 @@ class ForCausalLM(nn.Module):  # module paths = checkpoint keys; packed parts lo
                     packed_part, *shard = self.packed.get(part, (part,))
                     name = name.replace(f".{part}.", f".{packed_part}.")
                     if name not in params:  # e.g. Qwen3's q_norm in a checkpoint that says it is a Llama
-                        raise ValueError(f"checkpoint {path!r} has a weight its architecture lacks: {key}")
+                        raise ValueError(f"checkpoint {path!r} has a weight its architecture lacks, or in a layout "
+                                         f"nanollm does not load: {key}")
                     module = self.get_submodule(name.rpartition(".")[0])
                     loader = getattr(module, "weight_loader", lambda p, w: p.data.copy_(w))  # norms: whole
-                    param = params[name] if expert is None else params[name][int(expert[1])]
-                    loader(param, f.get_tensor(key), *shard)
-                    missing.discard(name)
-        if missing:
-            raise ValueError(f"checkpoint {path!r} lacks weights: {sorted(missing)[:5]}")
+                    index = None if expert is None else int(expert[1])
+                    loader(params[name] if index is None else params[name][index], f.get_tensor(key), *shard)
+                    missing.discard((name, index, shard[0] if shard else None))
+        if missing:  # a shard not downloaded, say: never run on uninitialised memory
+            raise ValueError(f"checkpoint {path!r} lacks weights (name, expert, part): {sorted(missing, key=str)[:5]}")
 
 
 # -----------------------------------------------------------------------------
@@ -1623,7 +1633,7 @@ def chat(llm, params, read=input):
 # main(): the command line; under torchrun, data-parallel groups of tensor_parallel_size ranks split the prompts
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="nanollm: offline generation with a Qwen3 (dense or MoE), Qwen2 or Llama 3 checkpoint")
+    p = argparse.ArgumentParser(description="nanollm: offline generation (Qwen3, Qwen3-MoE, Qwen2, Llama 3)")
     p.add_argument("--model", help="local HF checkpoint directory (none: a tiny random demo model)")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     p.add_argument("--chat", action="store_true", help="chat template; without --prompt an interactive chat")

@@ -340,7 +340,7 @@ def test_bad_model_paths(tmp_path, checkpoints):
     with pytest.raises(ValueError, match="unsupported: architecture 'MistralForCausalLM'"):
         LLM(str(other))
     (other / "config.json").write_text(json.dumps(dict(cfg, architectures=["LlamaForCausalLM"])))
-    with pytest.raises(ValueError, match="has a weight its architecture lacks: .*_norm"):  # Qwen3's q/k norms
+    with pytest.raises(ValueError, match="has a weight its architecture lacks.*: .*_norm"):  # Qwen3's q/k norms
         LLM(str(other))
     for f in other.glob("*.safetensors"):
         f.unlink()
@@ -375,6 +375,7 @@ def test_config_spellings_and_unsupported_variants(tmp_path, checkpoints):
     for changes, what in [(dict(rope_scaling=dict(rope_type="yarn", factor=4.0)), "rope scaling 'yarn'"),
                           (dict(rope_parameters=dict(rope_type="linear", factor=2.0)), "rope scaling 'linear'"),
                           (dict(rope_scaling=dict(type="dynamic", factor=2.0)), "rope scaling 'dynamic'"),
+                          (dict(rope_scaling=dict(rope_type="llama3", factor=8.0)), "rope scaling 'llama3' with"),
                           (dict(use_sliding_window=True), "sliding-window"),
                           (dict(layer_types=["full_attention", "sliding_attention"]), "sliding-window"),
                           (dict(architectures=["MistralForCausalLM"]), "architecture 'MistralForCausalLM'"),
@@ -808,6 +809,20 @@ def test_fused_moe_in_a_cuda_graph():
         assert rel_error(out, ref.float()) < TOLERANCE[torch.bfloat16]
 
 
+@pytest.mark.parametrize("dropped, listed", [("model.layers.1.mlp.experts.5.up_proj.weight", "gate_up_proj.weight', 5, 1"),
+                                              ("model.layers.0.self_attn.k_proj.weight", "qkv_proj.weight', None, 1")])
+def test_a_missing_weight_is_named(tmp_path, checkpoints, dropped, listed):
+    # one expert's matrix, or one part of a packed one, absent (a shard not downloaded): an error, not empty memory
+    from safetensors.torch import load_file, save_file
+    path = tmp_path / "partial"
+    shutil.copytree(checkpoints["moe-top2-sparse-step"], path)
+    for file in path.glob("*.safetensors"):
+        tensors = load_file(file)
+        save_file({k: v for k, v in tensors.items() if k != dropped}, file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"lacks weights .*{listed}"):
+        LLM(str(path), device="cpu", kvcache_block_size=16, num_kvcache_blocks=16)
+
+
 def test_moe_config_spellings_and_errors(tmp_path, checkpoints, hf_models):
     # transformers 4's num_experts (the Hub's files) reads as 5's num_local_experts; unsupported fields fail early
     name = "moe-top2-sparse-step"
@@ -939,9 +954,14 @@ def test_two_gpu_tensor_parallel_equals_one_gpu(realistic):
     assert not [f for f in set(os.listdir(tempfile.gettempdir())) - files_before if "nanollm" in f]
 
 
-def test_parallel_config_errors(checkpoints):
+def test_parallel_config_errors(checkpoints, tmp_path):
     with pytest.raises(ValueError, match="must divide the heads"):
         LLM(checkpoints["gqa2-untied"], device="cpu", tensor_parallel_size=3)
+    shutil.copytree(checkpoints["gqa2-untied"], tmp_path / "odd")
+    cfg = json.loads((tmp_path / "odd" / "config.json").read_text())
+    (tmp_path / "odd" / "config.json").write_text(json.dumps(cfg | dict(intermediate_size=129)))
+    with pytest.raises(ValueError, match="must divide intermediate_size 129"):  # checked before any weight is read
+        LLM(str(tmp_path / "odd"), device="cpu", tensor_parallel_size=2)
     with pytest.raises(ValueError, match="GPUs present"):
         LLM(checkpoints["gqa2-untied"], device="cuda", tensor_parallel_size=torch.cuda.device_count() + 1)
     with pytest.raises(ValueError, match="dist_timeout_s must be > 0"):
