@@ -74,7 +74,9 @@ def build_layer_by_layer(path, architecture, config):
     # layer. Random like HF's init: normal(0, 0.02), norms 1.
     from safetensors.torch import load_file, save_file
     layers, moe = config["num_hidden_layers"], config.get("num_experts", 0) > 0
-    template = dict(num_hidden_layers=2, mlp_only_layers=[1], decoder_sparse_step=1) if moe else dict(num_hidden_layers=1)
+    template = dict(num_hidden_layers=1)
+    if moe:  # a sparse layer 0 and a dense layer 1
+        template = dict(num_hidden_layers=2, mlp_only_layers=[1], decoder_sparse_step=1)
     build_random_checkpoint(str(path), dtype=torch.bfloat16, architecture=architecture, **config | template)
     one_layer = {}
     for f in Path(path).glob("*.safetensors"):
@@ -82,7 +84,8 @@ def build_layer_by_layer(path, architecture, config):
         f.unlink()
     weight_map, generator = {}, torch.Generator().manual_seed(0)
     for i in range(-1, layers):  # -1: the tensors outside the layers (embeddings, final norm, LM head)
-        sparse = moe and i not in config.get("mlp_only_layers", []) and (i + 1) % config.get("decoder_sparse_step", 1) == 0
+        sparse = (moe and i not in config.get("mlp_only_layers", [])
+                  and (i + 1) % config.get("decoder_sparse_step", 1) == 0)
         prefix = f"model.layers.{0 if sparse or not moe else 1}."  # the template layer of its kind
         tensors = {}
         for name, t in one_layer.items():

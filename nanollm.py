@@ -2,7 +2,7 @@
 nanollm: a single-file LLM inference engine for Qwen3 (dense and MoE), Qwen2.5 and Llama 3.x, read top to bottom.
 
 What it does, in the order a request travels through this file:
-  config.json -> one model for the three families, from tensor-parallel linear layers -> a paged KV cache read by attention
+  config.json -> one model for three families, of tensor-parallel linear layers -> a paged KV cache read by attention
   (Triton kernels on the GPU, each beside the plain-torch reference it is tested against) -> a block manager that
   shares cached prompt prefixes by hashing blocks -> a scheduler doing continuous batching, chunked prefill and
   preemption -> a model runner that replays CUDA graphs for decode -> the LLM API (generate, or the step-level
