@@ -89,7 +89,8 @@ def build_layer_by_layer(path, architecture, config):
         prefix = f"model.layers.{0 if sparse or not moe else 1}."  # the template layer of its kind
         tensors = {}
         for name, t in one_layer.items():
-            if (i >= 0) != name.startswith(prefix) or (i < 0 and name.startswith("model.layers.")):
+            in_this_layer = name.startswith(prefix) if i >= 0 else not name.startswith("model.layers.")
+            if not in_this_layer:
                 continue
             name = name.replace(prefix, f"model.layers.{i}.")
             tensors[name] = (torch.ones(t.shape) if name.endswith("norm.weight")
@@ -151,15 +152,19 @@ def measure_hardware(device):
     return copy_bw, matmul_flops
 
 
+def num_experts_of(cfg):  # config.json's: transformers 4 writes num_experts, 5 num_local_experts; 0 for a dense model
+    return cfg.get("num_experts") or cfg.get("num_local_experts") or 0
+
+
 def expert_bytes_read(cfg, expert_params, batch):
     # MoE: a decode step reads only the experts its tokens were routed to. Approximation: each token picks its top-k
     # of E experts uniformly and independently (random weights route close to that; trained ones less evenly, so they
     # touch fewer experts), so a layer touches E * (1 - (1 - k/E)^batch) distinct experts on average.
-    num_experts = cfg.get("num_experts") or cfg.get("num_local_experts") or 0
-    if not num_experts:
+    experts = num_experts_of(cfg)
+    if not experts:
         return 0
-    touched = num_experts * (1 - (1 - cfg["num_experts_per_tok"] / num_experts) ** batch)
-    return expert_params * 2 * touched / num_experts
+    touched = experts * (1 - (1 - cfg["num_experts_per_tok"] / experts) ** batch)
+    return expert_params * 2 * touched / experts
 
 
 def physical_floor(cfg, params, expert_params, prompt_lens, max_tokens, copy_bw, matmul_flops):
@@ -179,9 +184,8 @@ def physical_floor(cfg, params, expert_params, prompt_lens, max_tokens, copy_bw,
     # left out, and the LM head runs on the last prompt token only), plus causal attention QK^T and PV.
     embed = cfg["vocab_size"] * hidden
     body_params = params - embed * (1 if cfg.get("tie_word_embeddings", False) else 2)
-    num_experts = cfg.get("num_experts") or cfg.get("num_local_experts") or 0
-    if num_experts:  # a prompt token runs top-k of the experts
-        body_params -= expert_params * (1 - cfg["num_experts_per_tok"] / num_experts)
+    if num_experts_of(cfg):  # a prompt token runs top-k of the experts
+        body_params -= expert_params * (1 - cfg["num_experts_per_tok"] / num_experts_of(cfg))
     prefill_flops = (2 * body_params * sum(prompt_lens) + 2 * embed * len(prompt_lens)
                      + 2 * 2 * layers * heads * head_dim * sum(p * p for p in prompt_lens) / 2)
     return dict(decode_bytes=decode_bytes, prefill_flops=prefill_flops, weights_bytes=params * 2,
