@@ -627,7 +627,8 @@ def test_qk_norm_rope_store(dtype, num_heads, num_kv_heads, head_dim, qk_norm): 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("in_features, out_features", [(64, 96), (200, 37), pytest.param(1024, 4096, marks=cuda)])
+@pytest.mark.parametrize("in_features, out_features",  # 5,000: two tiles of 4,096 columns, the second one masked
+                         [(64, 96), (200, 37), (5000, 6), pytest.param(1024, 4096, marks=cuda)])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["", "bias"])  # Qwen2's q/k/v, Llama's attention_bias
 def test_gemv_with_folded_norm_and_swiglu(dtype, in_features, out_features, with_bias):  # one row: single-stream decode
     torch.manual_seed(in_features)
