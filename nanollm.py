@@ -326,7 +326,8 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, residual_ptr, summed_ptr, norm
 def gemv(x, weight, norm=None, residual=None, swiglu=False, bias=None):  # x (1, K or 2K): see linear()
     (N, K), summed = weight.shape, None if norm is None else torch.empty_like(x)
     out = torch.empty(1, N, dtype=x.dtype, device=x.device)
-    # 4 outputs per program; a warp per 1,024 columns of a tile (fastest at Qwen3-0.6B's four shapes on an H200)
+    # 4 outputs per program; a warp per 1,024 columns of a tile (fastest at Qwen3-0.6B's four shapes on an H200,
+    # although for sm_90 every such tile spills 184-448 bytes a thread to the stack: 2 outputs of 1,024 did not)
     block_k = triton.next_power_of_2(K) if norm is not None else min(4096, triton.next_power_of_2(K))
     _gemv_kernel[(cdiv(N, 4),)](
         x, weight, bias, out, residual, summed, None if norm is None else norm.weight,

@@ -651,8 +651,8 @@ def test_gemv_with_folded_norm_and_swiglu(dtype, in_features, out_features, with
 
 
 HOPPER_LAUNCHES = [  # each kernel with the compile-time constants the engine gives it for Qwen3-0.6B in bf16
-    *[(nanollm._gemv_kernel, dict(PROLOGUE=prologue, BLOCK_N=4, BLOCK_K=1024, PDL=True, bias_ptr=None))
-      for prologue in ("none", "swiglu", "norm")],
+    *[(nanollm._gemv_kernel, dict(PROLOGUE=prologue, BLOCK_N=4, BLOCK_K=block_k, PDL=True, bias_ptr=None))
+      for prologue, block_k in (("none", 2048), ("swiglu", 4096), ("norm", 1024))],  # o_proj, down, q|k|v and gate|up
     (nanollm._gemv_kernel, dict(PROLOGUE="norm", BLOCK_N=4, BLOCK_K=1024, PDL=True)),  # with a bias: Qwen2's q/k/v
     *[(nanollm._qk_norm_rope_store_kernel, dict(NUM_HEADS=16, NUM_KV_HEADS=8, HEADS_PAD=16, KV_HEADS_PAD=8,
                                                 HEAD_DIM=128, PDL=True, **no_norm))
