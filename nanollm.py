@@ -81,7 +81,8 @@ def load_model_config(path):  # config.json as a namespace under HF's names, plu
     # Qwen3-MoE: transformers 5 writes num_experts as num_local_experts; 0 experts is a dense model
     experts = c.setdefault("num_experts", c.get("num_local_experts", 0))
     top_k = c.setdefault("num_experts_per_tok", 8)
-    if experts and not (0 < top_k <= experts and c.get("decoder_sparse_step", 1) > 0):
+    # (decoder_sparse_step is read first, defaulting to 1, so that the message below can name it)
+    if experts and not (c.setdefault("decoder_sparse_step", 1) > 0 and 0 < top_k <= experts):
         raise ValueError(f"unsupported: MoE config: {top_k} of {experts} experts per token, decoder_sparse_step "
                          f"{c['decoder_sparse_step']} (supported: 1 <= num_experts_per_tok <= num_experts, step >= 1)")
     eos = c.get("eos_token_id")

@@ -843,6 +843,11 @@ def test_moe_config_spellings_and_errors(tmp_path, checkpoints, hf_models):
         (path / "config.json").write_text(json.dumps(hub | change))
         with pytest.raises(ValueError, match=message):
             LLM(str(path), device="cpu", tensor_parallel_size=tp)
+    # a config without decoder_sparse_step (it defaults to 1) is still reported by a ValueError, not a KeyError
+    (path / "config.json").write_text(json.dumps({k: v for k, v in hub.items() if k != "decoder_sparse_step"}
+                                                 | dict(num_experts_per_tok=9)))
+    with pytest.raises(ValueError, match="9 of 8 experts per token, decoder_sparse_step 1"):
+        LLM(str(path), device="cpu")
 
 
 # ---------------------------------------------------------------- tensor and data parallelism (CPU, gloo)
