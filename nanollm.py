@@ -228,9 +228,8 @@ class VocabParallelEmbedding(nn.Module):  # a contiguous slice of the vocabulary
     def forward(self, ids):
         if self.tp.size == 1:
             return F.embedding(ids, self.weight)
-        local = ids - self.start
-        mine = (local >= 0) & (local < self.rows)
-        y = F.embedding(local.clamp(0, self.rows - 1), self.weight) * mine.unsqueeze(-1)
+        local = ids - self.start  # ids outside this rank's slice get zeros
+        y = F.embedding(local.clamp(0, self.rows - 1), self.weight) * ((local >= 0) & (local < self.rows)).unsqueeze(-1)
         dist.all_reduce(y, group=self.tp.group)  # exactly one rank contributes each token's row
         return y
 
@@ -257,8 +256,7 @@ def rope_table(head_dim, max_position, theta, scaling=None):  # -> cos_sin (max_
         # stretched by factor, those shorter than it / high_freq_factor kept, those between blended smoothly
         original, low, high = (scaling[k] for k in ("original_max_position_embeddings", "low_freq_factor",
                                                      "high_freq_factor"))
-        wavelen = 2 * torch.pi / inv_freq
-        smooth = ((original / wavelen - low) / (high - low)).clamp(0, 1)
+        smooth = ((original / (2 * torch.pi / inv_freq) - low) / (high - low)).clamp(0, 1)  # original / wavelength
         inv_freq = (1 - smooth) * inv_freq / scaling["factor"] + smooth * inv_freq
     freqs = torch.outer(torch.arange(max_position, dtype=torch.float), inv_freq)
     return torch.cat([freqs.cos(), freqs.sin()], -1)
@@ -525,11 +523,10 @@ class ForCausalLM(nn.Module):  # module paths = checkpoint keys; packed parts lo
         if not files:
             raise FileNotFoundError(f"no *.safetensors files in {path!r} (pickled .bin checkpoints are not loaded)")
         params = dict(self.named_parameters())
-        missing = set()  # what must load: (name, expert, part) for each part (q, k, v; gate, up) of each expert's slice
-        for name, param in params.items():
-            parts = [part for packed, part in self.packed.values() if f".{packed}." in name] or [None]
-            experts = range(param.shape[0]) if ".experts." in name else [None]
-            missing |= {(name, expert, part) for expert in experts for part in parts}
+        # what must load: (name, expert, part) for each part (q, k, v; gate, up) of each expert's slice
+        missing = {(name, expert, part) for name, param in params.items()
+                   for expert in (range(param.shape[0]) if ".experts." in name else [None])
+                   for part in [index for packed, index in self.packed.values() if f".{packed}." in name] or [None]}
         for file in files:  # one file, or the shards that model.safetensors.index.json lists
             with safe_open(file, "pt", "cpu") as f:
                 for key in f.keys():
@@ -578,9 +575,8 @@ def qk_norm_rope_store_reference(qkv, q_norm, k_norm, eps, positions, cos_sin, k
         q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
     q, k = apply_rope(q, positions, cos_sin), apply_rope(k, positions, cos_sin)
     keep = slot_mapping >= 0
-    slots = slot_mapping[keep].long()
-    k_cache.view(-1, kv_heads, head_dim)[slots] = k[keep]
-    v_cache.view(-1, kv_heads, head_dim)[slots] = v[keep]
+    for cache, x in ((k_cache, k), (v_cache, v)):
+        cache.view(-1, kv_heads, head_dim)[slot_mapping[keep].long()] = x[keep]
     return q  # (N, heads, hd)
 
 def paged_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale):
@@ -592,9 +588,8 @@ def paged_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, b
         blocks = block_tables[i, :cdiv(ctx, block_size)].long()
         k, v = (c[blocks].flatten(0, 1)[:ctx].float().repeat_interleave(group, 1) for c in (k_cache, v_cache))
         scores = torch.einsum("nhd,khd->hnk", qi, k) * scale
-        n = qi.shape[0]  # query j sits at position ctx - n + j and sees keys 0..that position
-        future = torch.arange(ctx, device=q.device)[None, :] > (ctx - n + torch.arange(n, device=q.device))[:, None]
-        scores.masked_fill_(future, float("-inf"))
+        n = qi.shape[0]  # query j sits at position ctx - n + j and sees keys 0..that position: later keys masked
+        scores.masked_fill_(torch.ones(n, ctx, dtype=torch.bool, device=q.device).triu(ctx - n + 1), float("-inf"))
         out[cu[i]:cu[i + 1]] = torch.einsum("hnk,khd->nhd", scores.softmax(-1), v).to(q.dtype)
     return out
 
@@ -704,8 +699,7 @@ def _prefill_attention_kernel(
     dims = tl.arange(0, HEAD_DIM)
     q_pos = context_len - q_len + rows  # the last q_len positions of the context; each query sees keys 0..its position
     q_offs = (q_start + rows).to(tl.int64)[:, None] * q_stride_token + head * q_stride_head + dims[None, :]
-    q = tl.load(q_ptr + q_offs, mask=row_mask[:, None], other=0.0)
-    q = q.to(tl.float32) if UPCAST else q
+    q = tl.load(q_ptr + q_offs, mask=row_mask[:, None], other=0.0).to(tl.float32 if UPCAST else q_ptr.dtype.element_ty)
     m_i, l_i = tl.full([BLOCK_M], -1e30, tl.float32), tl.zeros([BLOCK_M], tl.float32)  # running row max and sum
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     kv_head = head // (NUM_HEADS // NUM_KV_HEADS)
@@ -757,8 +751,7 @@ def _decode_attention_kernel(
     heads, head_mask = kv_head * GROUP + group_idx, group_idx < GROUP
     dims = tl.arange(0, HEAD_DIM)
     q_offs = seq.to(tl.int64) * q_stride_seq + heads[:, None] * q_stride_head + dims[None, :]
-    q = tl.load(q_ptr + q_offs, mask=head_mask[:, None], other=0.0)
-    q = q.to(tl.float32) if UPCAST else q
+    q = tl.load(q_ptr + q_offs, mask=head_mask[:, None], other=0.0).to(tl.float32 if UPCAST else q_ptr.dtype.element_ty)
     m_i, l_i = tl.full([GROUP_PAD], -1e30, tl.float32), tl.zeros([GROUP_PAD], tl.float32)  # running row max and sum
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     block_table_ptr = block_tables_ptr + seq.to(tl.int64) * block_tables_stride
@@ -1321,8 +1314,7 @@ class LLM:
             self.exit(e)
         self.num_kvcache_blocks = num_blocks = self.runner.num_kvcache_blocks
         self.block_manager = BlockManager(num_blocks, config.kvcache_block_size, config.enable_prefix_caching)
-        eos = config.hf.eos_token_ids or (self.tokenizer.eos_token_id,)
-        self.eos_token_ids = tuple(e for e in eos if e is not None)
+        self.eos_token_ids = config.hf.eos_token_ids or tuple({self.tokenizer.eos_token_id} - {None})  # may have none
         self.scheduler = Scheduler(config, self.block_manager, self.eos_token_ids)
         self.request_ids = itertools.count()  # ids for new requests: 0, 1, 2, ...
         # counters since start; prefill_tokens and decode_tokens count the tokens computed in each kind of step
