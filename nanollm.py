@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 import traceback
+from array import array
 from collections import OrderedDict, deque
 from dataclasses import dataclass, fields
 from datetime import timedelta
@@ -1016,7 +1017,7 @@ class Scheduler:
 
 def sample(logits, temperature, seeds, top_k=None, top_p=None):
     # logits: (B, V); temperature: (B,) float, 0 = greedy; seeds: (B,) int32, each row's random stream;
-    # top_k: (B,) int64 (V = all) and top_p: (B,) float, both None when no row filters. -> (B,) int32 ids
+    # top_k: (B,) int (V = all) and top_p: (B,) float, both None when no row filters. -> (B,) int32 ids
     if top_k is not None:
         logits = filter_top_k_top_p(logits, temperature, top_k, top_p)
     return (sample_triton if logits.is_cuda else sample_reference)(logits, temperature, seeds)
@@ -1072,6 +1073,10 @@ def sample_triton(logits, temperature, seeds, part=8192, block=2048):
                                   PART=part, BLOCK=min(block, part))
     return best_index.gather(1, best.argmax(1, keepdim=True)).squeeze(1)
 
+# A step's inputs, in the order of its one upload: per token, per sequence, per sampled row, then the block tables
+STEP_INPUTS = ["positions", "input_ids", "slot_mapping", "cu_seqlens_q", "context_lens", "logits_rows", "seeds",
+               "temperature", "top_k", "top_p", "block_tables"]
+
 class ModelRunner:
     def __init__(self, config, tp=Parallel()):
         self.config, self.tp, self.block_size, hf = config, tp, config.kvcache_block_size, config.hf
@@ -1084,7 +1089,8 @@ class ModelRunner:
         self.kv_heads = hf.num_key_value_heads // tp.size
         self.block_bytes = (2 * hf.num_hidden_layers * self.block_size * self.kv_heads * hf.head_dim
                             * config.torch_dtype.itemsize)
-        self.graphs = {}  # batch size -> CUDA graph; none until capture_cudagraph()
+        self.graphs = {}  # batch size -> (CUDA graph, its outputs); none until capture_cudagraph()
+        self.sampled = torch.zeros(config.max_num_seqs, dtype=torch.int32, device=self.device)  # the last step's ids
         num_blocks = torch.tensor([config.num_kvcache_blocks or self.measure_kv_cache_blocks()], device=self.device)
         if tp.size > 1:  # every rank must agree: take the smallest
             dist.all_reduce(num_blocks, dist.ReduceOp.MIN, group=tp.group)
@@ -1131,41 +1137,37 @@ class ModelRunner:
         # the KV cache gets gpu_memory_utilization less the weights, other processes and the peak of the largest step
         cfg, bs = self.config, self.block_size
         n, rest = divmod(cfg.max_num_batched_tokens, cfg.max_model_len)
-        seqs = [Sequence(-1, [0] * m, None) for m in [cfg.max_model_len] * n + ([rest] if rest else [])]
+        # the sampler's filters (compiled) at their largest batch and at batch 1 (the last sequence, of one token), so
+        # that torch.compile never compiles in the middle of a run
+        params = SamplingParams(top_k=50, top_p=0.9)
+        seqs = [Sequence(-1, [0] * m, params) for m in [cfg.max_model_len] * n + ([rest] if rest else []) + [1]]
         for seq in seqs:  # what the cache holds does not matter here, so all of them share the first blocks
             seq.num_scheduled_tokens, seq.block_table = len(seq), list(range(cdiv(len(seq), bs)))
         self.allocate_kv_cache(len(seqs[0].block_table))
-        torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
-        step = self.prepare(seqs)
-        step["logits_rows"] = (step["logits_rows"] * cfg.max_num_seqs)[:cfg.max_num_seqs]  # the largest sampled batch
-        logits = self.run(step)
-        if logits is not None:  # the sampler with filters (the compiled part) at its largest batch and at batch 1,
-            for rows in (logits, logits[:1]):  # so that torch.compile never compiles in the middle of a run
-                ones = torch.ones(rows.shape[0], device=self.device)
-                sample(rows, ones, ones.int(), (50 * ones).long(), 0.9 * ones)
+        step = self.prepare(seqs[:-1])
+        for name in ("logits_rows", "seeds", "temperature", "top_k", "top_p"):  # the largest sampled batch
+            step[name] = (step[name] * cfg.max_num_seqs)[:cfg.max_num_seqs]
+        self.run(step)
+        self.run(self.prepare(seqs[-1:]))
         torch.cuda.synchronize()
         activations = torch.cuda.max_memory_allocated() - baseline
-        del logits
         self.allocate_kv_cache(0)  # frees the warm-up cache
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
-        budget = total * cfg.gpu_memory_utilization - (total - free) - activations - (256 << 20)  # for CUDA graphs
+        graphs = (256 << 20) + min(cfg.max_num_seqs, 512) * cfg.hf.vocab_size * cfg.torch_dtype.itemsize  # + logits
+        budget = total * cfg.gpu_memory_utilization - (total - free) - activations - graphs
         if budget < self.block_bytes:
             raise RuntimeError(f"no GPU memory left for the KV cache: {budget / 2**30:.2f} GiB after weights "
                                f"and activations; raise gpu_memory_utilization or lower max_num_batched_tokens")
         return int(budget // self.block_bytes)
 
-    def to_device(self, values, dtype=torch.int32):
-        t = torch.tensor(values, dtype=dtype, pin_memory=self.device.type == "cuda")
-        return t.to(self.device, non_blocking=True)
-
+    # ---- one step: host lists -> one upload -> the model -> the LM head and sampler (a decode step: a graph replay)
     def prepare(self, batch):  # host lists describing one step; rank 0 builds them and sends them to the other ranks
-        bs = self.block_size
-        step = dict(input_ids=[], positions=[], slot_mapping=[], cu_seqlens_q=[0], context_lens=[],
-                    block_tables=[], logits_rows=[])
+        bs, vocab = self.block_size, self.config.hf.vocab_size
+        step = {name: [0] if name == "cu_seqlens_q" else [] for name in STEP_INPUTS}
         for seq in batch:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.num_scheduled_tokens
             step["input_ids"] += seq.token_ids[start:end] + ([seq.placeholder] if end > len(seq.token_ids) else [])
@@ -1174,60 +1176,89 @@ class ModelRunner:
             step["cu_seqlens_q"].append(step["cu_seqlens_q"][-1] + end - start)
             step["context_lens"].append(end)
             step["block_tables"].append(seq.block_table)
-            if end == len(seq):  # the last token is computed: its logits give the next token
+            if end == len(seq):  # the last token is computed: its logits give the next token, sampled by its params
                 step["logits_rows"].append(step["cu_seqlens_q"][-1] - 1)
+                # a request with a seed draws from a stream given by its seed and length, whatever else is in the batch
+                step["seeds"].append(random.getrandbits(31) if seq.params.seed is None
+                                     else (seq.params.seed * 1000003 + len(seq)) % 2**31)
+                step["temperature"].append(seq.params.temperature)
+                step["top_k"].append(seq.params.top_k if seq.params.top_k > 0 else vocab)
+                step["top_p"].append(seq.params.top_p)
+        step["max_seqlen_q"] = max(seq.num_scheduled_tokens for seq in batch)
         return step
 
-    @torch.inference_mode()
-    def run(self, step, sampled=None):  # -> (rows, vocab) logits on the group's first rank, None on the others
-        # one host-to-device copy of all int32 inputs, then views, each 16-byte aligned: Triton specialises a kernel
-        # on its pointers' alignment, and nothing may compile mid-run
-        names = ["positions", "input_ids", "slot_mapping", "cu_seqlens_q", "context_lens", "logits_rows"]
+    def upload(self, step, graph_bs=None):  # -> {name: device view} of step's inputs (tables flat), from one copy
+        # One int32 tensor, floats as their bits (head() views them as floats again). Each part is 16-byte aligned:
+        # Triton specialises a kernel on its pointers' alignment, and nothing may compile mid-run.
+        if graph_bs is not None:  # a decode step grown to a graph's batch size, into the buffer the graph reads: its
+            # padding rows write nothing (slot -1), attend to nothing (context 0) and sample greedily from row 0. The
+            # block tables come last, so every other input lands where it did at capture, whatever the tables' width.
+            fill = dict(slot_mapping=-1, top_k=self.config.hf.vocab_size, top_p=1.0, block_tables=[0])
+            step = {name: step[name] + [fill.get(name, 0)] * (graph_bs - len(step[name])) for name in STEP_INPUTS}
+            step["cu_seqlens_q"] = list(range(graph_bs + 1))
         width = max(map(len, step["block_tables"]))
-        parts = [step[name] for name in names] + [[b for t in step["block_tables"] for b in t + [0] * (width - len(t))]]
-        flat = self.to_device([x for part in parts for x in part + [0] * (-len(part) % 4)])
-        positions, input_ids, slots, cu_seqlens_q, context_lens, rows, tables = flat.split(
-            [n for part in parts for n in (len(part), -len(part) % 4)])[::2]
-        if sampled is not None:  # input -1 - row: that row of the previous step's sampled ids, still on the GPU
-            input_ids = torch.where(input_ids < 0, sampled[(-1 - input_ids).clamp(min=0)].int(), input_ids)
-        meta = AttnMeta(slots, cu_seqlens_q, context_lens, tables.view(-1, width),
-                        max_seqlen_q=max(b - a for a, b in itertools.pairwise(step["cu_seqlens_q"])))
-        graphed = meta.max_seqlen_q == 1 and len(input_ids) <= max(self.graphs, default=0)
-        hidden = (self.replay if graphed else self.model.model)(input_ids, positions, meta)
-        return self.model.lm_head(hidden[rows])
+        parts = {name: array("i", array("f", step[name]).tobytes()).tolist() if name in ("temperature", "top_p")
+                 else step[name] for name in STEP_INPUTS}
+        parts["block_tables"] = [b for table in step["block_tables"] for b in table + [0] * (width - len(table))]
+        host = torch.tensor([x for part in parts.values() for x in part + [0] * (-len(part) % 4)], dtype=torch.int32,
+                            pin_memory=self.device.type == "cuda")
+        flat = torch.empty_like(host, device=self.device) if graph_bs is None else self.graph_inputs[:len(host)]
+        flat.copy_(host, non_blocking=True)
+        return dict(zip(parts, flat.split([n for part in parts.values() for n in (len(part), -len(part) % 4)])[::2]))
+
+    def forward(self, inputs, max_seqlen_q):  # -> the final hidden states of the rows to sample
+        # input -1 - row: that row of the previous step's sampled ids, still on the device
+        input_ids = inputs["input_ids"]
+        input_ids = torch.where(input_ids < 0, self.sampled[(-1 - input_ids).clamp(min=0)], input_ids)
+        tables = inputs["block_tables"].view(len(inputs["context_lens"]), -1)
+        meta = AttnMeta(inputs["slot_mapping"], inputs["cu_seqlens_q"], inputs["context_lens"], tables, max_seqlen_q)
+        return self.model.model(input_ids, inputs["positions"], meta)[inputs["logits_rows"]]
+
+    def head(self, hidden, inputs, filtered):  # LM head and sampler -> ids (rows,) in self.sampled; None off rank 0
+        logits = self.model.lm_head(hidden)
+        if logits is None:
+            return None
+        filters = (inputs["top_k"], inputs["top_p"].view(torch.float32)) if filtered else ()
+        ids = sample(logits, inputs["temperature"].view(torch.float32), inputs["seeds"], *filters)
+        return self.sampled[:len(hidden)].copy_(ids)
+
+    @torch.inference_mode()
+    def run(self, step):  # -> the sampled ids (rows,) on the device on the group's first rank; else or no rows: None
+        rows, vocab = len(step["logits_rows"]), self.config.hf.vocab_size
+        filtered = any(k < vocab for k in step["top_k"]) or any(p < 1 for p in step["top_p"])
+        # a decode step replays the smallest graph that fits it
+        bs = min((b for b in self.graphs if b >= len(step["input_ids"]) and step["max_seqlen_q"] == 1), default=None)
+        inputs = self.upload(step, graph_bs=bs)
+        if bs is None:
+            hidden, ids = self.forward(inputs, step["max_seqlen_q"]), None
+        else:  # the graph reads its inputs where they were at capture; only the tables' columns in use are copied
+            self.graph_tables[:bs, :len(inputs["block_tables"]) // bs] = inputs["block_tables"].view(bs, -1)
+            graph, hidden, ids = self.graphs[bs]
+            graph.replay()
+        if rows and (ids is None or filtered):  # no head in the graph (tensor parallelism), or top-k/top-p filters
+            ids = self.head(hidden, inputs, filtered)
+        return ids[:rows] if rows and ids is not None else None
 
     # ---- CUDA graphs: decode steps are replayed from graphs captured once per bucketed batch size
     @torch.inference_mode()  # as run() is: torch.compile compiles once per grad mode
     def capture_cudagraph(self):
-        cfg = self.config
-        max_bs = min(cfg.max_num_seqs, 512)
-        self.graph_batch_sizes = [b for b in [1, 2, 4, 8, *range(16, max_bs, 16)] if b < max_bs] + [max_bs]
-        width = cdiv(cfg.max_model_len, self.block_size)
-        with self.device:  # static buffers: a replay reads its inputs from these and writes `hidden`
-            i32 = dict(dtype=torch.int32)
-            self.graph_vars = v = dict(
-                input_ids=torch.zeros(max_bs, **i32), positions=torch.zeros(max_bs, **i32),
-                slot_mapping=torch.full((max_bs,), -1, **i32), cu_seqlens_q=torch.arange(max_bs + 1, **i32),
-                context_lens=torch.zeros(max_bs, **i32), block_tables=torch.zeros(max_bs, width, **i32),
-                hidden=torch.zeros(max_bs, cfg.hf.hidden_size, dtype=cfg.torch_dtype))
+        max_bs = min(self.config.max_num_seqs, 512)
+        width = cdiv(self.config.max_model_len, self.block_size)
+        # static buffers: a replay reads its inputs from these; the tables are copied apart, at their width in use
+        self.graph_tables = torch.zeros(max_bs, width, dtype=torch.int32, device=self.device)
+        self.graph_inputs = self.graph_tables.new_zeros((max_bs + 4) * (len(STEP_INPUTS) + width))
         pool = torch.cuda.graph_pool_handle()  # one memory pool: captured largest first, smaller graphs reuse it
-        for bs in reversed(self.graph_batch_sizes):
-            meta = AttnMeta(v["slot_mapping"][:bs], v["cu_seqlens_q"][:bs + 1], v["context_lens"][:bs],
-                            v["block_tables"][:bs], max_seqlen_q=1)  # run once (Triton compiles), then captured
-            v["hidden"][:bs] = self.model.model(v["input_ids"][:bs], v["positions"][:bs], meta)
-            self.graphs[bs] = graph = torch.cuda.CUDAGraph()
+        for bs in reversed([b for b in [1, 2, 4, 8, *range(16, max_bs, 16)] if b < max_bs] + [max_bs]):
+            inputs = self.upload({name: [] for name in STEP_INPUTS}, graph_bs=bs)
+            inputs["block_tables"] = self.graph_tables[:bs]
+            self.head(self.forward(inputs, 1), inputs, False)  # run once (Triton compiles), then captured
+            graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool):
-                v["hidden"][:bs] = self.model.model(v["input_ids"][:bs], v["positions"][:bs], meta)
+                hidden = self.forward(inputs, 1)
+                # the head too, but with tensor parallelism: its gather to rank 0 is not proven inside a graph
+                ids = self.head(hidden, inputs, False) if self.tp.size == 1 else None
+            self.graphs[bs] = (graph, hidden, ids)
             torch.cuda.synchronize()
-
-    def replay(self, input_ids, positions, meta):
-        bs, v = len(input_ids), self.graph_vars
-        v["input_ids"][:bs], v["positions"][:bs] = input_ids, positions
-        v["slot_mapping"].fill_(-1)[:bs] = meta.slot_mapping   # padding rows write nothing...
-        v["context_lens"].zero_()[:bs] = meta.context_lens     # ...and attend to nothing
-        v["block_tables"][:bs, :meta.block_tables.shape[1]] = meta.block_tables
-        self.graphs[next(b for b in self.graph_batch_sizes if b >= bs)].replay()  # the smallest that fits
-        return v["hidden"][:bs]
 
 
 # -----------------------------------------------------------------------------
@@ -1304,6 +1335,7 @@ class LLM:
         self.runner, self.workers, self.errors = None, [], None
         self.requests = {}  # id -> Sequence, until it finishes or is aborted
         self.pending = None  # the last step's sampled ids on their way to the host (see step())
+        self.ids_overwritten = False
         if parallel is None and config.tensor_parallel_size > 1:
             self.workers, self.errors, store = spawn_workers(config)
         try:
@@ -1411,17 +1443,23 @@ class LLM:
     # ---- one step of the engine: schedule, run the model, sample, update the sequences
     # The host runs one step ahead of the GPU: step N+1 is launched before step N's sampled ids are read back, so the
     # GPU never waits for Python. Until then a new token is a placeholder, -1 - its row in step N's sample, which run()
-    # swaps for the id on the device. Other tensor-parallel ranks have no sample to read, so with TP ids are read first.
+    # swaps for the id on the device. Other tensor-parallel ranks have no sample to read, so with TP ids are read first;
+    # so they are after a step that failed or was interrupted: the device may hold that step's ids in their place.
     def step(self):  # -> the sequences whose new token reached the host (finished ones included)
-        done = self.resolve() if self.config.tensor_parallel_size > 1 else []
+        done = self.resolve() if self.config.tensor_parallel_size > 1 or self.ids_overwritten else []
         batch, is_prefill = self.scheduler.schedule()
         if not batch:
             return done + self.resolve()
-        logits = self.call("run", self.runner.prepare(batch), self.pending[1] if self.pending else None)
+        self.ids_overwritten = True  # until this step's sample is the pending one
+        ids = self.call("run", self.runner.prepare(batch))  # sampled on the device; None on other ranks, or no rows
         rows = [seq for seq in batch if seq.num_computed_tokens + seq.num_scheduled_tokens == len(seq)]
-        sampled = self.sample(rows, logits) if rows else None
+        # the sampled ids' copy on its way to the host (into pinned memory, without waiting; a copy on a CPU too, as
+        # the runner reuses ids' memory), and its event
+        host = ids.to("cpu", non_blocking=True, copy=True) if rows else None
+        copied = torch.cuda.current_stream().record_event() if rows and ids.is_cuda else None
         done += self.resolve()  # step N's ids: queued for the host before step N+1's work
-        self.pending = (rows, *sampled) if rows else None  # before the placeholders exist, so none is ever lost
+        self.pending = (rows, host, copied) if rows else None  # before the placeholders exist: none is ever lost
+        self.ids_overwritten = False
         self.scheduler.postprocess(batch, rows)
         for seq in batch:
             self.stats["cached_prompt_tokens"] += seq.num_cached_tokens
@@ -1431,25 +1469,10 @@ class LLM:
         self.stats["steps"] += 1
         return done
 
-    def sample(self, seqs, logits):  # -> the sampled ids on the device, their copy on its way to the host, its event
-        params, vocab = [s.params for s in seqs], logits.shape[1]
-        # a request with a seed draws from a stream given by its seed and length, whatever else is in the batch
-        seeds = [(p.seed * 1000003 + len(s)) % 2**31 if p.seed is not None else random.getrandbits(31)
-                 for p, s in zip(params, seqs)]
-        top_k = top_p = None
-        if any(p.top_k > 0 or p.top_p < 1 for p in params):
-            top_k = self.runner.to_device([p.top_k if p.top_k > 0 else vocab for p in params], torch.int64)
-            top_p = self.runner.to_device([p.top_p for p in params], torch.float32)
-        temperature = self.runner.to_device([p.temperature for p in params], torch.float32)
-        ids = sample(logits, temperature, self.runner.to_device(seeds), top_k, top_p)
-        host = ids.to("cpu", non_blocking=True)  # into pinned memory, without waiting
-        copied = torch.cuda.current_stream().record_event() if ids.is_cuda else None
-        return ids, host, copied
-
     def resolve(self):  # the previous step's sampled ids reach the host; -> the sequences that got one
         if self.pending is None:
             return []
-        rows, _, host, copied = self.pending
+        rows, host, copied = self.pending
         if copied is not None:
             copied.synchronize()  # the one wait for the GPU per step
         tokens, done = host.tolist(), []

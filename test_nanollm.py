@@ -423,17 +423,18 @@ def test_placeholder_is_read_on_the_device(checkpoints):
     llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
     prompt = random_prompts([20], seed=12)[0]
 
-    def prefill_logits(seq, sampled=None):
+    def prefill_hidden(seq):
         llm.block_manager.allocate(seq, len(seq))
         seq.num_scheduled_tokens = len(seq)
-        logits = llm.runner.run(llm.runner.prepare([seq]), sampled)
+        step = llm.runner.prepare([seq])
+        hidden = llm.runner.forward(llm.runner.upload(step), step["max_seqlen_q"])
         llm.block_manager.release(seq)
-        return logits
+        return hidden
     held = Sequence(1, prompt[:-1], GREEDY)
     held.placeholder = -1 - 2  # row 2 of the previous sample
-    sampled = torch.tensor([7, 8, prompt[-1], 9], dtype=torch.int32, device=DEVICE)
+    llm.runner.sampled[:4] = torch.tensor([7, 8, prompt[-1], 9])
     assert len(held) == len(prompt)
-    assert torch.equal(prefill_logits(held, sampled), prefill_logits(Sequence(0, prompt, GREEDY)))
+    assert torch.equal(prefill_hidden(held), prefill_hidden(Sequence(0, prompt, GREEDY)))
 
 
 def test_step_level_api(checkpoints, hf_models):
@@ -744,6 +745,24 @@ def test_gpu_end_to_end_fp32_with_cuda_graphs(checkpoints, hf_models, request, n
     for prompt, out in zip(prompts, outs):
         assert out["token_ids"] == hf_greedy(hf, prompt, params.max_tokens)
     assert_all_blocks_free(llm)
+
+
+@cuda
+def test_gpu_sampling_inside_cuda_graphs_equals_eager(checkpoints):
+    # decode's LM head and sampler are captured in the graphs (the top-k/top-p filters run after a replay): seeded
+    # draws, greedy rows and filtered rows, mixed in one batch and alone, give the tokens of the eager engine
+    prompts = random_prompts([3, 17, 30, 9], seed=21)
+    params = [SamplingParams(temperature=0.9, seed=1, max_tokens=24, ignore_eos=True), GREEDY,
+              SamplingParams(temperature=1.2, top_k=20, top_p=0.8, seed=3, max_tokens=24, ignore_eos=True),
+              SamplingParams(temperature=0.7, seed=4, max_tokens=24, ignore_eos=True)]
+    outs = []
+    for eager in (False, True):
+        llm = LLM(checkpoints["gqa2-untied"], device="cuda", dtype="float32", num_kvcache_blocks=64,
+                  kvcache_block_size=16, enforce_eager=eager)
+        assert bool(llm.runner.graphs) != eager
+        outs.append([llm.generate(prompts, params, use_tqdm=False),
+                     [llm.generate([p], [q], use_tqdm=False)[0] for p, q in zip(prompts, params)]])
+    assert outs[0] == outs[1] and outs[0][0] == outs[0][1]
 
 
 @cuda
