@@ -102,6 +102,7 @@ def load_model_config(path):  # config.json as a namespace under HF's names, plu
                               "dtype": getattr(torch, c.get("dtype") or c.get("torch_dtype") or "bfloat16"),
                               "eos_token_ids": tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])})
 
+
 @dataclass
 class Config:
     model: str
@@ -147,6 +148,7 @@ class Config:
             if getattr(hf, size) % tp:  # every rank holds a slice of every MLP (and of every expert)
                 raise ValueError(f"tensor_parallel_size {tp} must divide {size} {getattr(hf, size)}")
 
+
 @dataclass
 class SamplingParams:
     temperature: float = 1.0            # 0: greedy
@@ -180,6 +182,7 @@ class Parallel:
     control: object = None  # a gloo group on which rank 0 sends commands to the other ranks
     first: int = 0          # the global rank of the group's rank 0
 
+
 class MergedColumnParallelLinear(nn.Module):  # W = [this rank's rows of q | of k | of v] (or gate | up): one matmul
     # out_features: one size per part. experts=(E,): one such W per expert, stacked (E, rows, in_features); the MoE
     # block computes with them (fused_moe), this module holds and loads them (each expert's as a W of its own)
@@ -195,6 +198,7 @@ class MergedColumnParallelLinear(nn.Module):  # W = [this rank's rows of q | of 
 
     def forward(self, x, norm=None, residual=None):  # a norm: -> (self(norm(x, residual)), x + residual)
         return linear(x, self.weight, norm, residual, bias=self.bias)
+
 
 class RowParallelLinear(nn.Module):  # y = x @ W.T, W's input columns split: each rank's partial sum is all-reduced
     def __init__(self, in_features, out_features, tp, bias=False, experts=()):  # experts: as in the column one
@@ -215,6 +219,7 @@ class RowParallelLinear(nn.Module):  # y = x @ W.T, W's input columns split: eac
             y = y + self.bias
         return y
 
+
 class VocabParallelEmbedding(nn.Module):  # a contiguous slice of the vocabulary per rank (padded to a TP-size multiple)
     def __init__(self, vocab_size, hidden_size, tp):
         super().__init__()
@@ -234,6 +239,7 @@ class VocabParallelEmbedding(nn.Module):  # a contiguous slice of the vocabulary
         dist.all_reduce(y, group=self.tp.group)  # exactly one rank contributes each token's row
         return y
 
+
 class ParallelLMHead(VocabParallelEmbedding):
     def forward(self, x):  # (B, hidden) -> (B, vocab) logits on the group's first rank, None elsewhere
         logits = F.linear(x, self.weight)
@@ -243,13 +249,16 @@ class ParallelLMHead(VocabParallelEmbedding):
             logits = torch.cat(parts, -1) if self.tp.rank == 0 else None
         return logits[:, :self.vocab_size] if logits is not None else None
 
+
 def compiled_on_gpu(fn):  # on CUDA torch.compile fuses fn's elementwise ops into 1-2 kernels (README); CPU: fn
     compiled = torch.compile(fn, dynamic=True)
     return functools.wraps(fn)(lambda x, *args: compiled(x, *args) if x.is_cuda else fn(x, *args))
 
+
 def rms_norm(x, weight, eps):  # normalise in fp32 like the reference, scale in the model's dtype
     xf = x.float()
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
 
 def rope_table(head_dim, max_position, theta, scaling=None):  # -> cos_sin (max_position, head_dim) fp32: [cos | sin]
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)
@@ -262,24 +271,29 @@ def rope_table(head_dim, max_position, theta, scaling=None):  # -> cos_sin (max_
     freqs = torch.outer(torch.arange(max_position, dtype=torch.float), inv_freq)
     return torch.cat([freqs.cos(), freqs.sin()], -1)
 
+
 def apply_rope(x, positions, cos_sin):  # x: (N, heads, head_dim); cos_sin: (max_position, head_dim) fp32
     cos, sin = cos_sin[positions].unsqueeze(1).chunk(2, -1)  # rotate-half RoPE
     x1, x2 = x.float().chunk(2, -1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
+
 
 @compiled_on_gpu
 def add_rms_norm(x, residual, weight, eps):  # -> (rms_norm(x + residual), x + residual)
     x = x + residual
     return rms_norm(x, weight, eps), x
 
+
 @compiled_on_gpu
 def silu_and_mul(x):  # SwiGLU: x = [gate | up]
     gate, up = x.chunk(2, -1)
     return F.silu(gate) * up
 
+
 @functools.cache
 def gpu(device):  # its properties, asked per kernel launch in eager steps: looked up once
     return torch.cuda.get_device_properties(device)
+
 
 def pdl(x):  # -> the launch arguments: the kernel's PDL flag and the launch mode always agree
     # Programmatic dependent launch (Hopper on) for the kernels of one row's decode step, each a few microseconds: a
@@ -288,6 +302,7 @@ def pdl(x):  # -> the launch arguments: the kernel's PDL flag and the launch mod
     # reads or writes what earlier kernels write: only weights and per-step constants may be read before.
     on = x.is_cuda and x.shape[0] == 1 and gpu(x.device).major >= 9
     return dict(PDL=on, launch_pdl=on)
+
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, residual_ptr, summed_ptr, norm_ptr, eps, N, K,
@@ -323,6 +338,7 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, residual_ptr, summed_ptr, norm
         out += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
     tl.store(out_ptr + cols, out.to(dtype), mask=cols < N)
 
+
 def gemv(x, weight, norm=None, residual=None, swiglu=False, bias=None):  # x (1, K or 2K): see linear()
     (N, K), summed = weight.shape, None if norm is None else torch.empty_like(x)
     out = torch.empty(1, N, dtype=x.dtype, device=x.device)
@@ -335,6 +351,7 @@ def gemv(x, weight, norm=None, residual=None, swiglu=False, bias=None):  # x (1,
         BLOCK_N=4, BLOCK_K=block_k, num_warps=min(8, max(1, block_k // 1024)), **pdl(x))
     return out if norm is None else (out, summed)
 
+
 def linear(x, weight, norm=None, residual=None, swiglu=False, bias=None):
     # y = f(x) @ W.T (+ bias), f: RMSNorm of x + residual (-> (y, x + residual)), SwiGLU of x = [gate | up], or nothing.
     # One row on a GPU (one sequence decoding) is one Triton GEMV with f folded in: there launches cost more than bytes
@@ -345,6 +362,7 @@ def linear(x, weight, norm=None, residual=None, swiglu=False, bias=None):
         return F.linear(x, weight, bias), residual
     return F.linear(silu_and_mul(x) if swiglu else x, weight, bias)
 
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -352,6 +370,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x, residual):  # the residual stream: -> (normalised, x + residual)
         return add_rms_norm(x, residual, self.weight, self.eps)
+
 
 class Attention(nn.Module):
     def __init__(self, cfg, tp):
@@ -374,6 +393,7 @@ class Attention(nn.Module):
         q = write(qkv, *norms, self.eps, positions, cos_sin, self.k_cache, self.v_cache, meta.slot_mapping)
         return self.o_proj(paged_attention(q, self.k_cache, self.v_cache, meta, self.scale).flatten(1)), residual
 
+
 class MLP(nn.Module):
     def __init__(self, cfg, tp):
         super().__init__()
@@ -383,6 +403,7 @@ class MLP(nn.Module):
     def forward(self, x, residual, norm):  # -> (output, x + residual)
         gate_up, residual = self.gate_up_proj(x, norm, residual)
         return self.down_proj(gate_up, swiglu=True), residual
+
 
 # ---- Mixture of experts (Qwen3-MoE): a router sends each token to its top_k experts, each a SwiGLU MLP of its own
 class SparseMoeBlock(nn.Module):
@@ -407,6 +428,7 @@ class SparseMoeBlock(nn.Module):
             dist.all_reduce(y, group=self.tp.group)  # each rank summed its slice of the intermediate dim
         return y, residual
 
+
 def fused_moe_reference(x, gate_up, down, weights, ids):
     # x (N, hidden); gate_up (E, 2 I, hidden); down (E, hidden, I); weights, ids (N, top_k). Plain torch, the
     # definition: each expert that got tokens runs on them, its outputs weighted and added to their tokens' rows
@@ -416,6 +438,7 @@ def fused_moe_reference(x, gate_up, down, weights, ids):
         y = F.linear(silu_and_mul(F.linear(x[token], gate_up[e])), down[e])
         out.index_add_(0, token, y * weights[token, slot, None])
     return out
+
 
 @triton.jit
 def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, pairs_ptr, tile_experts_ptr, weights_ptr, num_pairs, num_experts, N, K,
@@ -454,6 +477,7 @@ def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, pairs_ptr, tile_experts_ptr, weights
     rows = pairs.to(tl.int64)[:, None]
     tl.store(out_ptr + rows * N + cols[None, :], acc.to(dtype), mask=valid[:, None] & (cols[None, :] < N))
 
+
 def fused_moe(x, gate_up, down, weights, ids):  # Triton: fused_moe_reference's sums, computed expert by expert in tiles
     (num_tokens, top_k), (num_experts, _, hidden), device = ids.shape, gate_up.shape, x.device
     num_pairs = num_tokens * top_k
@@ -479,6 +503,7 @@ def fused_moe(x, gate_up, down, weights, ids):  # Triton: fused_moe_reference's 
             TOP_K=top_k, SWIGLU=swiglu, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, UPCAST=not x.is_cuda, num_warps=4)
     return out.view(num_tokens, top_k, hidden).sum(1)  # each token's top_k weighted outputs
 
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg, tp, index):
         super().__init__()
@@ -491,6 +516,7 @@ class DecoderLayer(nn.Module):
     def forward(self, positions, h, residual, cos_sin, meta):  # each norm is applied (residual added) by the
         h, residual = self.self_attn(positions, h, residual, self.input_layernorm, cos_sin, meta)  # projection after it
         return self.mlp(h, residual, self.post_attention_layernorm)
+
 
 class Model(nn.Module):
     def __init__(self, cfg, tp):
@@ -507,6 +533,7 @@ class Model(nn.Module):
         for layer in self.layers:
             h, residual = layer(positions, h, residual, self.cos_sin, meta)
         return self.norm(h, residual)[0]
+
 
 class ForCausalLM(nn.Module):  # module paths = checkpoint keys; packed parts load through this map
     packed = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -567,6 +594,7 @@ class AttnMeta:
     block_tables: torch.Tensor   # (B, max_blocks) int32
     max_seqlen_q: int            # 1 for a decode step
 
+
 def qk_norm_rope_store_reference(qkv, q_norm, k_norm, eps, positions, cos_sin, k_cache, v_cache, slot_mapping):
     # qkv (N, (heads + 2 kv_heads) * hd): Qwen3 normalises each q and k head (q_norm, k_norm None: Qwen2 and Llama do
     # not), then RoPE; k and v go to the cache
@@ -579,6 +607,7 @@ def qk_norm_rope_store_reference(qkv, q_norm, k_norm, eps, positions, cos_sin, k
     for cache, x in ((k_cache, k), (v_cache, v)):
         cache.view(-1, kv_heads, head_dim)[slot_mapping[keep].long()] = x[keep]
     return q  # (N, heads, hd)
+
 
 def paged_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale):
     # plain torch, one sequence at a time, in fp32: the definition the Triton kernels are held to
@@ -599,6 +628,7 @@ def paged_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, b
 # ("ieee"). UPCAST: tiles go to fp32 after loading only in Triton's CPU interpreter (the tests'), whose bf16 is broken.
 LOG2_E = 1.4426950408889634  # softmax runs in base 2: exp(x) = exp2(x * log2(e))
 
+
 @triton.jit
 def _norm_rope_store(ptrs, out_ptrs, mask, weight_ptr, cos, sin, eps, HALF: tl.constexpr):
     # (heads, HALF) pointers to the first half of each head -> both halves RMSNormed (weight_ptr None: not, as in Qwen2
@@ -615,6 +645,7 @@ def _norm_rope_store(ptrs, out_ptrs, mask, weight_ptr, cos, sin, eps, HALF: tl.c
         x2 = (w2 * (x2 * inv_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
     tl.store(out_ptrs, (x1 * cos - x2 * sin).to(dtype), mask=mask)
     tl.store(out_ptrs + HALF, (x2 * cos + x1 * sin).to(dtype), mask=mask)
+
 
 @triton.jit
 def _qk_norm_rope_store_kernel(qkv_ptr, q_ptr, q_norm_ptr, k_norm_ptr, cos_sin_ptr, positions_ptr, slot_mapping_ptr,
@@ -646,6 +677,7 @@ def _qk_norm_rope_store_kernel(qkv_ptr, q_ptr, q_norm_ptr, k_norm_ptr, cos_sin_p
         v = tl.load(row + (NUM_HEADS + NUM_KV_HEADS + kv_heads) * HEAD_DIM + dims, mask=valid)
         tl.store(v_cache_ptr + cache + dims, v, mask=valid)
 
+
 def qk_norm_rope_store(qkv, q_norm, k_norm, eps, positions, cos_sin, k_cache, v_cache, slot_mapping):
     num_tokens, (num_kv_heads, head_dim) = qkv.shape[0], k_cache.shape[2:]
     num_heads = qkv.shape[1] // head_dim - 2 * num_kv_heads
@@ -656,6 +688,7 @@ def qk_norm_rope_store(qkv, q_norm, k_norm, eps, positions, cos_sin, k_cache, v_
         NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_heads), HEAD_DIM=head_dim,
         KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads), **pdl(qkv))
     return q
+
 
 @triton.jit
 def _load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_ptr, kv_pos, kv_mask, kv_head,
@@ -670,6 +703,7 @@ def _load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_ptr, kv_pos, kv_mask, kv
         k, v = k.to(tl.float32), v.to(tl.float32)
     return k, v
 
+
 @triton.jit
 def _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale):
     # q (M, D), k/v (N, D), allowed (M, N) or (1, N); row max m_i, row sum l_i (M,) in base 2; acc (M, D) unnormalised
@@ -680,6 +714,7 @@ def _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale):
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
     return m_new, l_i, acc
+
 
 @triton.jit(do_not_specialize=["block_tables_stride"])  # the table width changes from step to step
 def _prefill_attention_kernel(
@@ -716,6 +751,7 @@ def _prefill_attention_kernel(
     out_offs = (q_start + rows).to(tl.int64)[:, None] * (NUM_HEADS * HEAD_DIM) + head * HEAD_DIM + dims[None, :]
     tl.store(out_ptr + out_offs, acc / l_i[:, None], mask=row_mask[:, None])
 
+
 def prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q, out=None):
     (_, num_heads, head_dim), (_, block_size, num_kv_heads, _) = q.shape, k_cache.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
@@ -729,6 +765,7 @@ def prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tab
         block_tables.stride(0), NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=not q.is_cuda, num_warps=4)
     return out
+
 
 @triton.jit
 def _decode_attention_kernel(
@@ -788,9 +825,11 @@ def _decode_attention_kernel(
             out = tl.sum(split_acc * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
             tl.store(out_ptr + row * HEAD_DIM + dims, out)
 
+
 @functools.cache
 def split_counters(device):  # decode's merge counters, one per (sequence, kv head); each merge resets its own to 0
     return torch.zeros(1 << 16, dtype=torch.int32, device=device)
+
 
 def decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale, num_splits=None, out=None):
     (batch, num_heads, head_dim), (_, block_size, num_kv_heads, _) = q.shape, k_cache.shape
@@ -816,6 +855,7 @@ def decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale, num
         BLOCK_N=block_n, NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
         UPCAST=not q.is_cuda, num_warps=4, **pdl(q))
     return out
+
 
 def paged_attention(q, k_cache, v_cache, meta, scale):  # q (N, heads, hd) -> like q; new keys/values already cached
     args = (q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens, meta.block_tables, scale)
@@ -857,6 +897,7 @@ class Sequence:
     def is_finished(self):
         return self.finish_reason is not None
 
+
 @dataclass(eq=False)
 class Block:
     id: int
@@ -864,6 +905,7 @@ class Block:
     hash: int = -1          # -1: not published
     parent_hash: int = -1
     token_ids: tuple = ()
+
 
 class BlockManager:
     def __init__(self, num_blocks, block_size, enable_prefix_caching=True):
@@ -1022,6 +1064,7 @@ def sample(logits, temperature, seeds, top_k=None, top_p=None):
         logits = filter_top_k_top_p(logits, temperature, top_k, top_p)
     return (sample_triton if logits.is_cuda else sample_reference)(logits, temperature, seeds)
 
+
 @compiled_on_gpu
 def filter_top_k_top_p(logits, temperature, top_k, top_p):  # -> logits, -inf outside each row's kept set
     # sort once; drop ranks >= top_k, then the tail past top_p of the renormalised rest
@@ -1031,6 +1074,7 @@ def filter_top_k_top_p(logits, temperature, top_k, top_p):  # -> logits, -inf ou
     dropped |= probs.cumsum(-1) - probs >= top_p.unsqueeze(1)  # the mass of the better tokens reached top_p
     return logits.masked_fill(torch.empty_like(dropped).scatter_(1, order, dropped), float("-inf"))
 
+
 def sample_reference(logits, temperature, seeds):
     # The exponential race: with E_i ~ Exp(1), argmax(p_i / E_i) is index i with probability p_i. In logs,
     # argmax(logits / T - log E) with E = -log U, U uniform in [0, 1) drawn from the row's seed.
@@ -1038,6 +1082,7 @@ def sample_reference(logits, temperature, seeds):
                            for s in seeds.tolist()]).to(logits.device)
     race = logits.float() / temperature.clamp(min=1e-6).unsqueeze(1) - (-uniform.log()).log()
     return torch.where(temperature == 0, logits.argmax(-1), race.argmax(-1)).int()
+
 
 @triton.jit
 def _sample_kernel(logits_ptr, temperature_ptr, seed_ptr, best_ptr, best_index_ptr, vocab, row_stride,
@@ -1064,6 +1109,7 @@ def _sample_kernel(logits_ptr, temperature_ptr, seed_ptr, best_ptr, best_index_p
     tl.store(best_ptr + row * tl.num_programs(1) + part, top)
     tl.store(best_index_ptr + row * tl.num_programs(1) + part, tl.min(tl.where(best == top, best_index, vocab), 0))
 
+
 def sample_triton(logits, temperature, seeds, part=8192, block=2048):
     rows, vocab = logits.shape
     parts = cdiv(vocab, part)  # the row is split so that even one row fills the GPU
@@ -1073,9 +1119,11 @@ def sample_triton(logits, temperature, seeds, part=8192, block=2048):
                                   PART=part, BLOCK=min(block, part))
     return best_index.gather(1, best.argmax(1, keepdim=True)).squeeze(1)
 
+
 # A step's inputs, in the order of its one upload: per token, per sequence, per sampled row, then the block tables
 STEP_INPUTS = ["positions", "input_ids", "slot_mapping", "cu_seqlens_q", "context_lens", "logits_rows", "seeds",
                "temperature", "top_k", "top_p", "block_tables"]
+
 
 class ModelRunner:
     def __init__(self, config, tp=Parallel()):
@@ -1273,6 +1321,7 @@ class ModelRunner:
 # complete fails after dist_timeout_s (on GPUs NCCL's watchdog then ends the process).
 IDLE_TIMEOUT = timedelta(days=30)  # commands (an idle chat) and data-parallel results (uneven jobs) may be far apart
 
+
 def spawn_workers(config):  # -> ranks 1..N-1's processes, the queue of their tracebacks, rank 0's rendezvous store
     ctx = torch.multiprocessing.get_context("spawn")
     store = dist.TCPStore("127.0.0.1", 0, config.tensor_parallel_size, is_master=True, wait_for_workers=False,
@@ -1284,6 +1333,7 @@ def spawn_workers(config):  # -> ranks 1..N-1's processes, the queue of their tr
         w.start()
     return workers, errors, store
 
+
 def join_workers(config, workers, store):  # rank 0: waits for every spawned rank at the store, watching them
     deadline = time.monotonic() + config.dist_timeout_s
     while not store.check([f"joined/{rank}" for rank in range(1, config.tensor_parallel_size)]):
@@ -1294,6 +1344,7 @@ def join_workers(config, workers, store):  # rank 0: waits for every spawned ran
             raise TimeoutError(f"tensor-parallel ranks did not reach the rendezvous in {config.dist_timeout_s} s")
         time.sleep(0.01)
     return init_parallel(config, 0, store)
+
 
 def init_parallel(config, rank, store=None, world_size=None, local_rank=None):
     # spawned ranks meet at rank 0's store, torchrun's (world_size) at env://; -> this rank's group (tp_size ranks)
@@ -1309,6 +1360,7 @@ def init_parallel(config, rank, store=None, world_size=None, local_rank=None):
         group = dist.group.WORLD if tp_size == world_size else dist.new_group(ranks)  # one group: the world
         groups.append((group, dist.new_group(ranks, backend="gloo", timeout=IDLE_TIMEOUT)))
     return Parallel(rank % tp_size, tp_size, *groups[rank // tp_size], first=rank - rank % tp_size)
+
 
 def worker_main(config, rank, port, errors):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle; it ends the workers
@@ -1625,7 +1677,9 @@ def run_job(llm, input_path, output_path, defaults, shard=(0, 1), use_tqdm=True)
             out.write((json.dumps(line) + "\n").encode())
         llm.run(list(jobs.values()), use_tqdm, on_finish=write)
 
+
 JOB_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "ignore_eos")
+
 
 def chat(llm, params, read=input):
     messages = []  # the conversation: each turn's prompt starts with the earlier turns, which the prefix cache serves
