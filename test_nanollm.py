@@ -417,6 +417,38 @@ def test_bad_requests_change_nothing(checkpoints, hf_models):
     assert llm.generate([good], GREEDY, use_tqdm=False)[0]["token_ids"] == hf_greedy(hf_models["gqa2-untied"], good, 12)
 
 
+def test_a_decode_step_grown_to_a_graph_batch(checkpoints):
+    # The inputs a CUDA graph reads, built here on the CPU into a stand-in for the graphs' buffer: every input but the
+    # block tables lands where capture put it, whatever the tables' width; padding rows write nothing (slot -1), attend
+    # to nothing (context 0) and sample greedily (temperature 0, no filter); the sampling parameters keep their values.
+    llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
+    runner, vocab = llm.runner, llm.config.hf.vocab_size
+    runner.graph_inputs = torch.zeros(4096, dtype=torch.int32)
+    seqs = [Sequence(i, list(range(1, n + 1)), SamplingParams(temperature=0.5, top_p=0.9, top_k=7, seed=i))
+            for i, n in enumerate([5, 20, 40])]
+    for seq in seqs:  # one new token each: a decode step
+        llm.block_manager.allocate(seq, len(seq))
+        seq.num_computed_tokens, seq.num_scheduled_tokens = len(seq) - 1, 1
+    step = runner.prepare(seqs)
+    captured = runner.upload({name: [] for name in nanollm.STEP_INPUTS}, graph_bs=8)
+    inputs = runner.upload(step, graph_bs=8)
+    for name in nanollm.STEP_INPUTS[:-1]:
+        assert inputs[name].data_ptr() == captured[name].data_ptr() and len(inputs[name]) == len(captured[name])
+        assert inputs[name].data_ptr() % 16 == 0
+    assert inputs["input_ids"].tolist() == [5, 20, 40] + [0] * 5
+    assert inputs["positions"].tolist() == [4, 19, 39] + [0] * 5
+    assert inputs["slot_mapping"].tolist() == step["slot_mapping"] + [-1] * 5
+    assert inputs["context_lens"].tolist() == [5, 20, 40] + [0] * 5
+    assert inputs["cu_seqlens_q"].tolist() == list(range(9)) and inputs["logits_rows"].tolist() == [0, 1, 2] + [0] * 5
+    assert inputs["temperature"].view(torch.float32).tolist() == [0.5] * 3 + [0.0] * 5
+    assert inputs["top_p"].view(torch.float32).tolist() == [torch.tensor(0.9).item()] * 3 + [1.0] * 5
+    assert inputs["top_k"].tolist() == [7] * 3 + [vocab] * 5
+    assert inputs["block_tables"].view(8, -1).tolist() == [t + [0] * (3 - len(t)) for t in step["block_tables"]] + [
+        [0] * 3] * 5
+    for seq in seqs:
+        llm.block_manager.release(seq)
+
+
 def test_placeholder_is_read_on_the_device(checkpoints):
     # A token still on its way to the host is a placeholder, -1 - its row in the previous step's sample; the
     # runner reads it there, wherever it stands in the step's inputs (here the last token of a prefill).
