@@ -1230,7 +1230,7 @@ class ModelRunner:
                 step["seeds"].append(random.getrandbits(31) if seq.params.seed is None
                                      else (seq.params.seed * 1000003 + len(seq)) % 2**31)
                 step["temperature"].append(seq.params.temperature)
-                step["top_k"].append(seq.params.top_k if seq.params.top_k > 0 else vocab)
+                step["top_k"].append(min(seq.params.top_k, vocab) if seq.params.top_k > 0 else vocab)  # fits int32
                 step["top_p"].append(seq.params.top_p)
         step["max_seqlen_q"] = max(seq.num_scheduled_tokens for seq in batch)
         return step

@@ -262,6 +262,9 @@ def test_top_k_1_equals_greedy_and_seeds_repeat(checkpoints):
     greedy = llm.generate(prompts, GREEDY, use_tqdm=False)
     top1 = llm.generate(prompts, SamplingParams(temperature=1.5, top_k=1, max_tokens=12, ignore_eos=True), use_tqdm=False)
     assert top1 == greedy
+    # a top_k past the vocabulary (past int32 too) keeps every token
+    assert llm.generate(prompts, SamplingParams(temperature=0, top_k=2**40, max_tokens=12, ignore_eos=True),
+                        use_tqdm=False) == greedy
     seeded = [SamplingParams(temperature=1.0, seed=s, max_tokens=12, ignore_eos=True) for s in (1, 1, 2)]
     a = llm.generate([prompts[0]] * 3, seeded, use_tqdm=False)
     b = llm.generate([prompts[0]] * 3, seeded, use_tqdm=False)
