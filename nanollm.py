@@ -1183,7 +1183,7 @@ class ModelRunner:
         if self.device.type == "cpu":  # a fixed budget: the CPU path is for learning and tests
             return max(1, (1 << 30) // self.block_bytes)  # 1 GiB
         # the KV cache gets gpu_memory_utilization less the weights, other processes and the peak of the largest step
-        cfg, bs = self.config, self.block_size
+        cfg, hf, bs = self.config, self.config.hf, self.block_size
         n, rest = divmod(cfg.max_num_batched_tokens, cfg.max_model_len)
         # the sampler's filters (compiled) at their largest batch and at batch 1 (the last sequence, of one token), so
         # that torch.compile never compiles in the middle of a run
@@ -1205,7 +1205,9 @@ class ModelRunner:
         self.allocate_kv_cache(0)  # frees the warm-up cache
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
-        graphs = (256 << 20) + min(cfg.max_num_seqs, 512) * cfg.hf.vocab_size * cfg.torch_dtype.itemsize  # + logits
+        # CUDA graphs: 256 MiB, the logits of the largest one's batch, and every graph's hidden rows (it keeps its own:
+        # the graphs' batch sizes add up to less than 17 times the largest), counted at 4 bytes (fp32, the widest)
+        graphs = (256 << 20) + min(cfg.max_num_seqs, 512) * (hf.vocab_size + 17 * hf.hidden_size) * 4
         budget = total * cfg.gpu_memory_utilization - (total - free) - activations - graphs
         if budget < self.block_bytes:
             raise RuntimeError(f"no GPU memory left for the KV cache: {budget / 2**30:.2f} GiB after weights "
