@@ -37,6 +37,7 @@ import time
 import traceback
 from array import array
 from collections import OrderedDict, deque
+from contextlib import suppress
 from dataclasses import dataclass, fields
 from datetime import timedelta
 from pathlib import Path
@@ -188,7 +189,8 @@ class MergedColumnParallelLinear(nn.Module):  # W = [this rank's rows of q | of 
     # block computes with them (fused_moe), this module holds and loads them (each expert's as a W of its own)
     def __init__(self, in_features, out_features, tp, bias=False, experts=()):
         super().__init__()
-        self.tp, self.rows = tp, [n // tp.size for n in out_features]
+        self.tp = tp
+        self.rows = [n // tp.size for n in out_features]  # this rank's rows of each part
         self.weight = nn.Parameter(torch.empty(*experts, sum(self.rows), in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(sum(self.rows)), requires_grad=False) if bias else None  # same rows
 
@@ -1128,15 +1130,17 @@ STEP_INPUTS = ["positions", "input_ids", "slot_mapping", "cu_seqlens_q", "contex
 
 class ModelRunner:
     def __init__(self, config, tp=Parallel()):
-        self.config, self.tp, self.block_size, hf = config, tp, config.kvcache_block_size, config.hf
+        self.config = config
+        self.tp = tp
+        self.block_size = config.kvcache_block_size
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if config.device == "cuda" else config.device)
         torch.set_default_dtype(config.torch_dtype)
         with self.device:
-            self.model = ForCausalLM(hf, tp)
+            self.model = ForCausalLM(config.hf, tp)
         torch.set_default_dtype(torch.float32)
-        self.model.load_weights(config.model, hf.tie_word_embeddings)
-        self.kv_heads = hf.num_key_value_heads // tp.size
-        self.block_bytes = (2 * hf.num_hidden_layers * self.block_size * self.kv_heads * hf.head_dim
+        self.model.load_weights(config.model, config.hf.tie_word_embeddings)
+        self.kv_heads = config.hf.num_key_value_heads // tp.size
+        self.block_bytes = (2 * config.hf.num_hidden_layers * self.block_size * self.kv_heads * config.hf.head_dim
                             * config.torch_dtype.itemsize)
         self.graphs = {}  # batch size -> (CUDA graph, its outputs); none until capture_cudagraph()
         self.sampled = torch.zeros(config.max_num_seqs, dtype=torch.int32, device=self.device)  # the last step's ids
@@ -1174,9 +1178,8 @@ class ModelRunner:
         return results
 
     def allocate_kv_cache(self, num_blocks):
-        hf = self.config.hf
-        self.kv_cache = torch.empty(2, hf.num_hidden_layers, num_blocks, self.block_size, self.kv_heads, hf.head_dim,
-                                    dtype=self.config.torch_dtype, device=self.device)
+        self.kv_cache = torch.empty(2, self.config.hf.num_hidden_layers, num_blocks, self.block_size, self.kv_heads,
+                                    self.config.hf.head_dim, dtype=self.config.torch_dtype, device=self.device)
         for i, layer in enumerate(self.model.model.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
 
@@ -1351,12 +1354,12 @@ def join_workers(config, workers, store):  # rank 0: waits for every spawned ran
 
 def init_parallel(config, rank, store=None, world_size=None, local_rank=None):
     # spawned ranks meet at rank 0's store, torchrun's (world_size) at env://; -> this rank's group (tp_size ranks)
-    tp_size, backend = config.tensor_parallel_size, "nccl" if config.device == "cuda" else "gloo"
+    tp_size = config.tensor_parallel_size
     world_size = world_size or tp_size
-    if backend == "nccl":
+    if config.device == "cuda":
         torch.cuda.set_device(rank if local_rank is None else local_rank)
-    dist.init_process_group(backend, store=store, world_size=world_size, rank=rank,
-                            timeout=timedelta(seconds=config.dist_timeout_s))
+    dist.init_process_group("nccl" if config.device == "cuda" else "gloo", store=store, world_size=world_size,
+                            rank=rank, timeout=timedelta(seconds=config.dist_timeout_s))
     groups = []  # (group, control) of each tensor-parallel group; every rank creates all of them, in the same order
     for first in range(0, world_size, tp_size):
         ranks = list(range(first, first + tp_size))
@@ -1624,9 +1627,9 @@ def build_random_checkpoint(path, seed=0, dtype=torch.float32, architecture="Qwe
     torch.manual_seed(seed)
     config_class = getattr(transformers, architecture.replace("ForCausalLM", "Config"))  # Qwen3Config, ...
     model = getattr(transformers, architecture)(config_class(eos_token_id=eos, **config)).to(dtype)  # + generation cfg
-    for name, param in model.named_parameters():  # HF starts biases at 0: random ones, so that tests can see them
-        if name.endswith(".bias"):
-            param.data.normal_(std=0.5)
+    # HF starts biases at 0: random ones, so that tests can see them
+    for bias in [param for name, param in model.named_parameters() if name.endswith(".bias")]:
+        bias.data.normal_(std=0.5)
     model.save_pretrained(path)
     return path
 
@@ -1641,10 +1644,8 @@ def run_job(llm, input_path, output_path, defaults, shard=(0, 1), use_tqdm=True)
     if os.path.exists(output_path):
         with open(output_path) as f:
             for line in f:
-                try:
+                with suppress(ValueError, KeyError, TypeError):  # a line cut short by a crash: its request runs again
                     done.add(json.dumps(json.loads(line)["id"]))
-                except (ValueError, KeyError, TypeError):
-                    pass  # a line cut short by a crash: its request runs again
     jobs = {}  # the line's id (as JSON) -> its sequence
     with open(input_path) as f:
         for lineno, line in enumerate(f, 1):
