@@ -217,9 +217,7 @@ class RowParallelLinear(nn.Module):  # y = x @ W.T, W's input columns split: eac
         y = linear(x, self.weight, swiglu=swiglu)
         if self.tp.size > 1:
             dist.all_reduce(y, group=self.tp.group)
-        if self.bias is not None:  # added once, to the sum of the ranks' partial products
-            y = y + self.bias
-        return y
+        return y if self.bias is None else y + self.bias  # the bias: added once, to the sum of the ranks' products
 
 
 class VocabParallelEmbedding(nn.Module):  # a contiguous slice of the vocabulary per rank (padded to a TP-size multiple)
@@ -884,7 +882,6 @@ class Sequence:
         self.num_computed_tokens = 0         # tokens whose keys/values are in the cache
         self.num_hashed_blocks = 0           # leading blocks already published under a hash
         self.num_scheduled_tokens = 0        # tokens to compute in the current step
-        self.num_cached_tokens = 0           # prompt tokens served by the prefix cache
         self.finish_reason = None            # "stop", "length" or "abort" once finished
         self.running = False                 # in the scheduler's running list
         self.placeholder = None              # -1 - row of its newest token in a sample still on the GPU
@@ -932,13 +929,12 @@ class BlockManager:
             block = self.hash_to_block.get(hash((parent, tokens)))
             if block is None or block.parent_hash != parent or block.token_ids != tokens:
                 break
-            if block.ref_count == 0:
-                del self.free[block.id]  # revived from the free list
+            self.free.pop(block.id, None)  # revived from the free list (where exactly the blocks of ref_count 0 are)
             block.ref_count += 1
             seq.block_table.append(block.id)
             parent = block.hash
         seq.num_hashed_blocks = len(seq.block_table)
-        seq.num_computed_tokens = seq.num_cached_tokens = seq.num_hashed_blocks * self.block_size
+        seq.num_computed_tokens = seq.num_hashed_blocks * self.block_size
         return seq.num_computed_tokens
 
     def allocate(self, seq, num_tokens):  # fresh blocks for the next num_tokens of seq
@@ -981,6 +977,7 @@ class Scheduler:
         self.waiting = deque()   # not admitted, or preempted (at the front)
         self.running = []        # admitted, oldest first
         self.num_preemptions = 0
+        self.num_cached_tokens = 0  # prompt tokens the prefix cache served, counted at each admission
 
     def schedule(self):  # -> (batch, is_prefill)
         # a prefill step: first the running sequences still prefilling (chunked prompts), oldest first...
@@ -995,6 +992,7 @@ class Scheduler:
                 break
             self.running.append(self.waiting.popleft())
             seq.running = True
+            self.num_cached_tokens += seq.num_computed_tokens  # all claimed from the prefix cache
             budget -= self.take(seq, num_tokens, batch)
         if batch:
             return batch, True
@@ -1394,10 +1392,9 @@ class LLM:
         self.requests = {}  # id -> Sequence, until it finishes or is aborted
         self.pending = None  # the last step's sampled ids on their way to the host (see step())
         self.ids_overwritten = False
-        if parallel is None and config.tensor_parallel_size > 1:
-            self.workers, self.errors, store = spawn_workers(config)
         try:
-            if self.workers:
+            if parallel is None and config.tensor_parallel_size > 1:
+                self.workers, self.errors, store = spawn_workers(config)
                 parallel = join_workers(config, self.workers, store)
             self.runner = ModelRunner(config, parallel or Parallel())
         except BaseException as e:
@@ -1455,6 +1452,9 @@ class LLM:
         return self.call("rpc", fn, args)
 
     # ---- requests
+    def chat_prompt(self, messages):  # the chat template applied, ending where the assistant's reply starts
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
     def make_sequence(self, prompt, params):  # validate before any work, so a bad request changes nothing
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
@@ -1519,9 +1519,7 @@ class LLM:
         self.pending = (rows, host, copied) if rows else None  # before the placeholders exist: none is ever lost
         self.ids_overwritten = False
         self.scheduler.postprocess(batch, rows)
-        for seq in batch:
-            self.stats["cached_prompt_tokens"] += seq.num_cached_tokens
-            seq.num_cached_tokens = 0  # counted once per admission
+        self.stats["cached_prompt_tokens"] = self.scheduler.num_cached_tokens
         self.stats["prefill_tokens" if is_prefill else "decode_tokens"] += sum(s.num_scheduled_tokens for s in batch)
         self.stats["preemptions"] = self.scheduler.num_preemptions
         self.stats["steps"] += 1
@@ -1641,11 +1639,10 @@ def run_job(llm, input_path, output_path, defaults, shard=(0, 1), use_tqdm=True)
     # Input lines: {"id": ..., "prompt": ... | "messages": [...], optional sampling fields}. Results are appended as
     # requests finish; ids already in the output are skipped (a rerun resumes); shard (g, n): every n-th line from g.
     done = set()
-    if os.path.exists(output_path):
-        with open(output_path) as f:
-            for line in f:
-                with suppress(ValueError, KeyError, TypeError):  # a line cut short by a crash: its request runs again
-                    done.add(json.dumps(json.loads(line)["id"]))
+    with suppress(FileNotFoundError), open(output_path) as f:  # no output file yet: nothing is done
+        for line in f:
+            with suppress(ValueError, KeyError, TypeError):  # a line cut short by a crash: its request runs again
+                done.add(json.dumps(json.loads(line)["id"]))
     jobs = {}  # the line's id (as JSON) -> its sequence
     with open(input_path) as f:
         for lineno, line in enumerate(f, 1):
@@ -1660,8 +1657,7 @@ def run_job(llm, input_path, output_path, defaults, shard=(0, 1), use_tqdm=True)
                     continue
                 if key in jobs:
                     raise ValueError(f"duplicate id {item['id']!r}")
-                prompt = item["prompt"] if "prompt" in item else llm.tokenizer.apply_chat_template(
-                    item["messages"], tokenize=False, add_generation_prompt=True)
+                prompt = item["prompt"] if "prompt" in item else llm.chat_prompt(item["messages"])
                 unknown = set(item) - {"id", "prompt", "messages", *JOB_SAMPLING_FIELDS}
                 if unknown:
                     raise ValueError(f"unknown fields {sorted(unknown)}")
@@ -1689,16 +1685,14 @@ def chat(llm, params, read=input):
     messages = []  # the conversation: each turn's prompt starts with the earlier turns, which the prefix cache serves
     print("Chat with the model (random weights talk gibberish). An empty line or Ctrl-D ends it.")
     while True:
-        try:
+        user = ""  # Ctrl-D and Ctrl-C end it as an empty line does
+        with suppress(EOFError, KeyboardInterrupt):
             user = read("\n> ")
-        except (EOFError, KeyboardInterrupt):
-            break
         if not user.strip():
             break
         messages.append({"role": "user", "content": user})
-        prompt = llm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         reply = ""
-        for piece in llm.stream(prompt, params):
+        for piece in llm.stream(llm.chat_prompt(messages), params):
             print(piece, end="", flush=True)
             reply += piece
         messages.append({"role": "assistant", "content": reply})
@@ -1749,8 +1743,7 @@ def main(argv=None):
             else:
                 prompts = args.prompt or ["Introduce yourself.", "List all prime numbers within 100."]
                 if args.chat:
-                    prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                                                 add_generation_prompt=True) for q in prompts]
+                    prompts = [llm.chat_prompt([{"role": "user", "content": q}]) for q in prompts]
                 results = llm.generate(prompts[dp_rank::dp_size], params)  # group g takes prompts g, g+dp, ...
     if dp_size > 1:  # gather every group's results on rank 0, back in prompt order
         gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
