@@ -379,19 +379,18 @@ class Attention(nn.Module):
         q_size, kv_size = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
         self.qkv_proj = MergedColumnParallelLinear(cfg.hidden_size, [q_size, kv_size, kv_size], tp, cfg.qkv_bias)
         self.o_proj = RowParallelLinear(q_size, cfg.hidden_size, tp, cfg.attention_bias)
-        # Qwen3's per-head q/k norms (Qwen2 and Llama have none): their weights go to qk_norm_rope_store, which fuses
-        # them with RoPE and the cache write
+        # Qwen3's per-head q/k norms (Qwen2 and Llama have none): their weights go to paged_attention, whose kernels
+        # fuse them with RoPE and the cache write
         self.eps = cfg.rms_norm_eps
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_cache = self.v_cache = torch.tensor([])  # bound to this layer's slices of the engine's cache later
 
-    def forward(self, positions, x, residual, norm, cos_sin, meta):  # -> (output, x + residual); q is this rank's
-        qkv, residual = self.qkv_proj(x, norm, residual)  # heads, (N, heads, hd) after the q/k norms and RoPE
-        write = qk_norm_rope_store if x.is_cuda else qk_norm_rope_store_reference  # Triton or plain torch
+    def forward(self, positions, x, residual, norm, cos_sin, meta):  # -> (output, x + residual)
+        qkv, residual = self.qkv_proj(x, norm, residual)  # this rank's heads
         norms = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
-        q = write(qkv, *norms, self.eps, positions, cos_sin, self.k_cache, self.v_cache, meta.slot_mapping)
-        return self.o_proj(paged_attention(q, self.k_cache, self.v_cache, meta, self.scale).flatten(1)), residual
+        out = paged_attention(qkv, *norms, self.eps, positions, cos_sin, self.k_cache, self.v_cache, meta, self.scale)
+        return self.o_proj(out.flatten(1)), residual
 
 
 class MLP(nn.Module):
@@ -630,52 +629,47 @@ LOG2_E = 1.4426950408889634  # softmax runs in base 2: exp(x) = exp2(x * log2(e)
 
 
 @triton.jit
-def _norm_rope_store(ptrs, out_ptrs, mask, weight_ptr, cos, sin, eps, HALF: tl.constexpr):
-    # (heads, HALF) pointers to the first half of each head -> both halves RMSNormed (weight_ptr None: not, as in Qwen2
-    # and Llama), rotated and stored at out_ptrs, rounded to the model's dtype where the reference rounds (after the
-    # norm, after the weight, after RoPE)
-    x1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+def _norm_rope(ptrs, mask, weight_ptr, cos_sin_ptr, pos, eps, HEAD_DIM: tl.constexpr):
+    # (heads, 1) pointers to heads of one token at position pos -> (heads, HEAD_DIM) RMSNormed (weight_ptr None: not,
+    # as in Qwen2 and Llama) and rotated, rounded to the model's dtype where the reference rounds (after the norm,
+    # after the weight, after RoPE). Rotate-half RoPE pairs dimension d with its partner d +- HEAD_DIM / 2.
+    HALF: tl.constexpr = HEAD_DIM // 2
+    dims = tl.arange(0, HEAD_DIM)[None, :]
+    partner = (dims + HALF) % HEAD_DIM
+    x = tl.load(ptrs + dims, mask=mask, other=0.0).to(tl.float32)
+    x_partner = tl.load(ptrs + partner, mask=mask, other=0.0).to(tl.float32)
     dtype = ptrs.dtype.element_ty
     if weight_ptr is not None:
-        inv_rms = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
-        half = tl.arange(0, HALF)[None, :]
-        w1, w2 = tl.load(weight_ptr + half).to(tl.float32), tl.load(weight_ptr + HALF + half).to(tl.float32)
-        x1 = (w1 * (x1 * inv_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-        x2 = (w2 * (x2 * inv_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-    tl.store(out_ptrs, (x1 * cos - x2 * sin).to(dtype), mask=mask)
-    tl.store(out_ptrs + HALF, (x2 * cos + x1 * sin).to(dtype), mask=mask)
+        inv_rms = tl.rsqrt(tl.sum(x * x, 1) / HEAD_DIM + eps)[:, None]
+        weight, partner_weight = tl.load(weight_ptr + dims).to(tl.float32), tl.load(weight_ptr + partner).to(tl.float32)
+        x = (weight * (x * inv_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        x_partner = (partner_weight * (x_partner * inv_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    cos = tl.load(cos_sin_ptr + pos * HEAD_DIM + dims % HALF)  # the table's rows: [cos | sin]
+    sin = tl.load(cos_sin_ptr + pos * HEAD_DIM + HALF + dims % HALF)
+    return (x * cos + tl.where(dims < HALF, -x_partner, x_partner) * sin).to(dtype)
 
 
 @triton.jit
 def _qk_norm_rope_store_kernel(qkv_ptr, q_ptr, q_norm_ptr, k_norm_ptr, cos_sin_ptr, positions_ptr, slot_mapping_ptr,
                                k_cache_ptr, v_cache_ptr, eps, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
-                               HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                               PDL: tl.constexpr):
+                               HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
     # grid: (num_tokens,). A program reads one token's row of qkv, [q heads | k heads | v heads] x head_dim, and
     # writes q normalised (if norm pointers are given) and rotated to q_ptr (N, heads, head_dim), k likewise and v as
-    # it is to the token's slot
+    # it is to the token's slot. Prefill steps run it (a decode step's attention kernel does this work itself).
     token = tl.program_id(0).to(tl.int64)
-    HALF: tl.constexpr = HEAD_DIM // 2
-    half = tl.arange(0, HALF)[None, :]
     pos = tl.load(positions_ptr + token)
-    cos, sin = tl.load(cos_sin_ptr + pos * HEAD_DIM + half), tl.load(cos_sin_ptr + pos * HEAD_DIM + HALF + half)
-    if PDL:  # see pdl()
-        gdc_launch_dependents()
-        gdc_wait()
     row = qkv_ptr + token * (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM
-    heads = tl.arange(0, HEADS_PAD)[:, None]
-    _norm_rope_store(row + heads * HEAD_DIM + half, q_ptr + (token * NUM_HEADS + heads) * HEAD_DIM + half,
-                     heads < NUM_HEADS, q_norm_ptr, cos, sin, eps, HALF)
+    heads, dims = tl.arange(0, HEADS_PAD)[:, None], tl.arange(0, HEAD_DIM)[None, :]
+    q = _norm_rope(row + heads * HEAD_DIM, heads < NUM_HEADS, q_norm_ptr, cos_sin_ptr, pos, eps, HEAD_DIM)
+    tl.store(q_ptr + (token * NUM_HEADS + heads) * HEAD_DIM + dims, q, mask=heads < NUM_HEADS)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot >= 0:  # slot -1 marks a padding token: nothing to store
         kv_heads = tl.arange(0, KV_HEADS_PAD)[:, None]
-        valid, cache = kv_heads < NUM_KV_HEADS, (slot * NUM_KV_HEADS + kv_heads) * HEAD_DIM
-        _norm_rope_store(row + (NUM_HEADS + kv_heads) * HEAD_DIM + half, k_cache_ptr + cache + half, valid,
-                         k_norm_ptr, cos, sin, eps, HALF)
-        dims = tl.arange(0, HEAD_DIM)[None, :]
+        valid, cache = kv_heads < NUM_KV_HEADS, (slot * NUM_KV_HEADS + kv_heads) * HEAD_DIM + dims
+        k = _norm_rope(row + (NUM_HEADS + kv_heads) * HEAD_DIM, valid, k_norm_ptr, cos_sin_ptr, pos, eps, HEAD_DIM)
+        tl.store(k_cache_ptr + cache, k, mask=valid)
         v = tl.load(row + (NUM_HEADS + NUM_KV_HEADS + kv_heads) * HEAD_DIM + dims, mask=valid)
-        tl.store(v_cache_ptr + cache + dims, v, mask=valid)
+        tl.store(v_cache_ptr + cache, v, mask=valid)
 
 
 def qk_norm_rope_store(qkv, q_norm, k_norm, eps, positions, cos_sin, k_cache, v_cache, slot_mapping):
@@ -686,7 +680,7 @@ def qk_norm_rope_store(qkv, q_norm, k_norm, eps, positions, cos_sin, k_cache, v_
     _qk_norm_rope_store_kernel[(num_tokens,)](  # no tokens: no programs, nothing launched
         qkv, q, q_norm, k_norm, cos_sin, positions, slot_mapping, k_cache, v_cache, eps, NUM_HEADS=num_heads,
         NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_heads), HEAD_DIM=head_dim,
-        KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads), **pdl(qkv))
+        KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads))
     return q
 
 
@@ -719,7 +713,7 @@ def _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale):
 @triton.jit(do_not_specialize=["block_tables_stride"])  # the table width changes from step to step
 def _prefill_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, context_lens_ptr, block_tables_ptr,
-        qk_scale, q_stride_token, q_stride_head, block_tables_stride,
+        qk_scale, block_tables_stride,
         NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
     # grid: (cdiv(max_seqlen_q, BLOCK_M), num_heads, batch). Each program owns a (BLOCK_M, HEAD_DIM)
@@ -734,8 +728,8 @@ def _prefill_attention_kernel(
     row_mask = rows < q_len
     dims = tl.arange(0, HEAD_DIM)
     q_pos = context_len - q_len + rows  # the last q_len positions of the context; each query sees keys 0..its position
-    q_offs = (q_start + rows).to(tl.int64)[:, None] * q_stride_token + head * q_stride_head + dims[None, :]
-    q = tl.load(q_ptr + q_offs, mask=row_mask[:, None], other=0.0).to(tl.float32 if UPCAST else q_ptr.dtype.element_ty)
+    offs = (q_start + rows).to(tl.int64)[:, None] * (NUM_HEADS * HEAD_DIM) + head * HEAD_DIM + dims[None, :]  # q, out
+    q = tl.load(q_ptr + offs, mask=row_mask[:, None], other=0.0).to(tl.float32 if UPCAST else q_ptr.dtype.element_ty)
     m_i, l_i = tl.full([BLOCK_M], -1e30, tl.float32), tl.zeros([BLOCK_M], tl.float32)  # running row max and sum
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     kv_head = head // (NUM_HEADS // NUM_KV_HEADS)
@@ -748,20 +742,19 @@ def _prefill_attention_kernel(
                              BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, UPCAST)
         allowed = (kv_pos[None, :] <= q_pos[:, None]) & kv_mask[None, :]
         m_i, l_i, acc = _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale)
-    out_offs = (q_start + rows).to(tl.int64)[:, None] * (NUM_HEADS * HEAD_DIM) + head * HEAD_DIM + dims[None, :]
-    tl.store(out_ptr + out_offs, acc / l_i[:, None], mask=row_mask[:, None])
+    tl.store(out_ptr + offs, acc / l_i[:, None], mask=row_mask[:, None])
 
 
 def prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q, out=None):
     (_, num_heads, head_dim), (_, block_size, num_kv_heads, _) = q.shape, k_cache.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
-    assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous() and out.is_contiguous()
+    assert q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous() and out.is_contiguous()
     # fp32 runs its dots on CUDA cores and holds twice the bytes per tile: smaller tiles avoid spills.
     # bf16 on the H100: 64 x 64 tiles and 4 warps ran fastest for prompts of 500-2,000 tokens.
     block_m, block_n = (32, 32) if q.dtype == torch.float32 else (64, 64)
     block_m = 16 if max_seqlen_q <= 16 else block_m  # short chunks (e.g. prefix-cache hits)
     _prefill_attention_kernel[(cdiv(max_seqlen_q, block_m), num_heads, cu_seqlens_q.numel() - 1)](
-        q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables, scale * LOG2_E, q.stride(0), q.stride(1),
+        q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables, scale * LOG2_E,
         block_tables.stride(0), NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=not q.is_cuda, num_warps=4)
     return out
@@ -769,13 +762,15 @@ def prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tab
 
 @triton.jit
 def _decode_attention_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, counters_ptr, context_lens_ptr,
-        block_tables_ptr, qk_scale, q_stride_seq, q_stride_head, block_tables_stride, NUM_KV_HEADS: tl.constexpr,
-        HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-        BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, UPCAST: tl.constexpr,
-        PDL: tl.constexpr):
-    # grid: (num_kv_heads, batch, NUM_SPLITS), whatever the context lengths (CUDA-graph safe). A kv head's GROUP query
-    # heads form one (GROUP_PAD, HEAD_DIM) tile (padding rows masked): each K/V tile is read once for all.
+        qkv_ptr, q_norm_ptr, k_norm_ptr, cos_sin_ptr, eps, k_cache_ptr, v_cache_ptr, out_ptr, part_m_ptr, part_l_ptr,
+        part_acc_ptr, counters_ptr, context_lens_ptr, block_tables_ptr, qk_scale, block_tables_stride,
+        NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr,
+        GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+        UPCAST: tl.constexpr, PDL: tl.constexpr):
+    # grid: (num_kv_heads, batch, NUM_SPLITS), whatever the context lengths (CUDA-graph safe). A sequence's new token
+    # sits at position context_len - 1, its row of qkv as qk_norm_rope_store reads it, and this kernel does that
+    # kernel's work too. A kv head's GROUP query heads form one (GROUP_PAD, HEAD_DIM) tile (padding rows masked):
+    # each K/V tile is read once for all.
     kv_head, seq, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if PDL:  # see pdl()
         gdc_launch_dependents()
@@ -789,11 +784,24 @@ def _decode_attention_kernel(
     group_idx = tl.arange(0, GROUP_PAD)
     heads, head_mask = kv_head * GROUP + group_idx, group_idx < GROUP
     dims = tl.arange(0, HEAD_DIM)
-    q_offs = seq.to(tl.int64) * q_stride_seq + heads[:, None] * q_stride_head + dims[None, :]
-    q = tl.load(q_ptr + q_offs, mask=head_mask[:, None], other=0.0).to(tl.float32 if UPCAST else q_ptr.dtype.element_ty)
+    # the new token: the group's query heads normalised and rotated (as qk_norm_rope_store does)
+    pos = tl.maximum(context_len - 1, 0)
+    qkv_row = qkv_ptr + seq.to(tl.int64) * (NUM_KV_HEADS * (GROUP + 2) * HEAD_DIM)
+    q = _norm_rope(qkv_row + heads[:, None] * HEAD_DIM, head_mask[:, None], q_norm_ptr, cos_sin_ptr, pos, eps, HEAD_DIM)
+    block_table_ptr = block_tables_ptr + seq.to(tl.int64) * block_tables_stride
+    if split == used_splits - 1:  # the split with the last tile caches the new key (likewise) and value,
+        one_head = tl.zeros([1, 1], tl.int32)  # this kv head's key and value as (1, HEAD_DIM) tiles
+        has_token = one_head < context_len  # a padding row (no context) has none: nothing is stored
+        k_row = qkv_row + (NUM_KV_HEADS * GROUP + kv_head) * HEAD_DIM + one_head
+        slot = tl.load(block_table_ptr + pos // BLOCK_SIZE).to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
+        cache = (slot * NUM_KV_HEADS + kv_head) * HEAD_DIM + dims[None, :]
+        new_key = _norm_rope(k_row, has_token, k_norm_ptr, cos_sin_ptr, pos, eps, HEAD_DIM)
+        tl.store(k_cache_ptr + cache, new_key, mask=has_token)
+        tl.store(v_cache_ptr + cache, tl.load(k_row + NUM_KV_HEADS * HEAD_DIM + dims[None, :]), mask=has_token)
+        tl.debug_barrier()  # which its threads then read back from the cache like every other key and value
+    q = q.to(tl.float32) if UPCAST else q
     m_i, l_i = tl.full([GROUP_PAD], -1e30, tl.float32), tl.zeros([GROUP_PAD], tl.float32)  # running row max and sum
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    block_table_ptr = block_tables_ptr + seq.to(tl.int64) * block_tables_stride
     for tile in range(split * tiles_per_split, tl.minimum((split + 1) * tiles_per_split, num_tiles)):  # this split's
         kv_pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         kv_mask = kv_pos < context_len
@@ -832,39 +840,44 @@ def split_counters(device):  # decode's merge counters, one per (sequence, kv he
     return torch.zeros(1 << 16, dtype=torch.int32, device=device)
 
 
-def decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale, num_splits=None, out=None):
-    (batch, num_heads, head_dim), (_, block_size, num_kv_heads, _) = q.shape, k_cache.shape
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
-    assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous() and out.is_contiguous()
+def decode_attention(qkv, q_norm, k_norm, eps, cos_sin, k_cache, v_cache, context_lens, block_tables, scale,
+                     num_splits=None, out=None):
+    # qkv (batch, (heads + 2 kv_heads) * hd): each sequence's new token -> (batch, heads, hd); its key and value cached
+    (batch, width), (_, block_size, num_kv_heads, head_dim) = qkv.shape, k_cache.shape
+    num_heads = width // head_dim - 2 * num_kv_heads
+    out = torch.empty(batch, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device) if out is None else out
+    assert qkv.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous() and out.is_contiguous()
     # K/V tiles of 8K elements (4K in fp32, to avoid spills): 64 x 128 for bf16 at head_dim 128
-    block_n = max(16, min(128, (4096 if q.dtype == torch.float32 else 8192) // head_dim))
+    block_n = max(16, min(128, (4096 if qkv.dtype == torch.float32 else 8192) // head_dim))
     if num_splits is None:  # from shapes only (CUDA-graph safe): about two waves of programs over the
         # SMs, no more splits than the block table holds KV tiles, and at most 32 (the merge reads them all)
-        sms = gpu(q.device).multi_processor_count if q.is_cuda else 132
+        sms = gpu(qkv.device).multi_processor_count if qkv.is_cuda else 132
         max_tiles = cdiv(block_tables.shape[1] * block_size, block_n)
         num_splits = max(1, min(cdiv(2 * sms, batch * num_kv_heads), max_tiles, 32))
-    part_m = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
+    part_m = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=qkv.device)
     part_l = torch.empty_like(part_m)  # its own allocation: 16-byte aligned whatever the shape (one compiled kernel)
-    part_acc = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
-    counters = split_counters(q.device)
+    part_acc = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=qkv.device)
+    counters = split_counters(qkv.device)
     assert batch * num_kv_heads <= counters.numel()
     # 2 warps a program up to batch 16 (H200, head_dim 128: up to 2.4 us a layer faster; from batch 32, 4 warps are)
     _decode_attention_kernel[(num_kv_heads, batch, num_splits)](  # programs start sequence by sequence
-        q, k_cache, v_cache, out, part_m, part_l, part_acc, counters, context_lens, block_tables,
-        scale * LOG2_E, q.stride(0), q.stride(1), block_tables.stride(0), NUM_KV_HEADS=num_kv_heads,
-        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, GROUP=num_heads // num_kv_heads, UPCAST=not q.is_cuda,
+        qkv, q_norm, k_norm, cos_sin, eps, k_cache, v_cache, out, part_m, part_l, part_acc, counters, context_lens,
+        block_tables, scale * LOG2_E, block_tables.stride(0), NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, GROUP=num_heads // num_kv_heads, UPCAST=not qkv.is_cuda,
         GROUP_PAD=max(16, triton.next_power_of_2(num_heads // num_kv_heads)), BLOCK_N=block_n, NUM_SPLITS=num_splits,
-        SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=2 if batch <= 16 else 4, **pdl(q))
+        SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=2 if batch <= 16 else 4, **pdl(qkv))
     return out
 
 
-def paged_attention(q, k_cache, v_cache, meta, scale):  # q (N, heads, hd) -> like q; new keys/values already cached
+def paged_attention(qkv, q_norm, k_norm, eps, positions, cos_sin, k_cache, v_cache, meta, scale):
+    # qkv (N, (heads + 2 kv_heads) * hd) -> (N, heads, hd): q/k norms and RoPE, new keys/values cached, attention
+    if qkv.is_cuda and meta.max_seqlen_q == 1:  # the fast path for a decode step: one Triton kernel does it all
+        return decode_attention(qkv, q_norm, k_norm, eps, cos_sin, k_cache, v_cache, meta.context_lens,
+                                meta.block_tables, scale)
+    store = qk_norm_rope_store if qkv.is_cuda else qk_norm_rope_store_reference  # Triton or plain torch
+    q = store(qkv, q_norm, k_norm, eps, positions, cos_sin, k_cache, v_cache, meta.slot_mapping)
     args = (q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens, meta.block_tables, scale)
-    if not q.is_cuda:
-        return paged_attention_reference(*args)  # plain torch
-    if meta.max_seqlen_q == 1:  # the fast path: Triton kernels
-        return decode_attention(q, k_cache, v_cache, meta.context_lens, meta.block_tables, scale)
-    return prefill_attention(*args, meta.max_seqlen_q)
+    return prefill_attention(*args, meta.max_seqlen_q) if q.is_cuda else paged_attention_reference(*args)
 
 
 # -----------------------------------------------------------------------------

@@ -579,9 +579,7 @@ def test_prefill_attention(case):
     context_lens = [p + n for p, n in zip(prefixes, q_lens)]
     k_cache, v_cache, block_tables = make_paged_cache(context_lens, block_size, num_kv_heads, head_dim, dtype)
     cu_seqlens_q = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(DEVICE)
-    # q as a strided slice of a packed qkv tensor, like the engine's
-    qkv = torch.randn(sum(q_lens), num_heads + 2 * num_kv_heads, head_dim, dtype=dtype, device=DEVICE)
-    q = qkv[:, :num_heads]
+    q = torch.randn(sum(q_lens), num_heads, head_dim, dtype=dtype, device=DEVICE)
     context_lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
     scale = head_dim ** -0.5
     out = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)
@@ -590,47 +588,81 @@ def test_prefill_attention(case):
     assert rel_error(out, ref) < TOLERANCE[dtype]
 
 
-def make_decode_inputs(dtype, head_dim, group, block_size, seed):
-    rng = random.Random(seed)
-    torch.manual_seed(rng.randrange(2**31))
-    num_kv_heads = 1 if group == 8 else 2
-    # a padding row (0), on and off block edges, and a few blocks long
-    context_lens = [0, block_size, rng.randrange(1, block_size), rng.randrange(2 * block_size, 5 * block_size)]
+def make_decode_inputs(context_lens, block_size, num_kv_heads, group, head_dim, dtype, qk_norm=True):
+    # a decode step's inputs: each row's new token at position context_len - 1, its row of qkv random and its slot in
+    # the cache NaN (written by the step: a read of the old value poisons the output); context 0: a padding row
     k_cache, v_cache, block_tables = make_paged_cache(context_lens, block_size, num_kv_heads, head_dim, dtype)
-    q = torch.randn(len(context_lens), num_kv_heads * group, head_dim, dtype=dtype, device=DEVICE)
-    return q, k_cache, v_cache, torch.tensor(context_lens, dtype=torch.int32, device=DEVICE), block_tables
+    context_lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
+    positions = (context_lens - 1).clamp(min=0)
+    blocks = block_tables.gather(1, (positions // block_size)[:, None].long())[:, 0]
+    slots = blocks * block_size + positions % block_size
+    slot_mapping = torch.where(context_lens > 0, slots, -1).to(torch.int32)
+    for cache in (k_cache, v_cache):
+        cache.view(-1, num_kv_heads, head_dim)[slot_mapping[context_lens > 0].long()] = float("nan")
+    qkv = torch.randn(len(context_lens), num_kv_heads * (group + 2) * head_dim, device=DEVICE).to(dtype)
+    norms = [1 + torch.randn(head_dim, device=DEVICE).to(dtype) / 4 if qk_norm else None for _ in range(2)]
+    cos_sin = nanollm.rope_table(head_dim, int(context_lens.max()) + 1, 1e6).to(DEVICE)
+    return dict(qkv=qkv, q_norm=norms[0], k_norm=norms[1], eps=1e-6, cos_sin=cos_sin, k_cache=k_cache,
+                v_cache=v_cache, context_lens=context_lens, block_tables=block_tables, scale=head_dim ** -0.5), dict(
+                positions=positions, slot_mapping=slot_mapping)
 
 
-def decode_reference(q, k_cache, v_cache, context_lens, block_tables, scale):
-    cu_seqlens_q = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=DEVICE)
-    return paged_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
+def decode_reference(qkv, q_norm, k_norm, eps, cos_sin, k_cache, v_cache, context_lens, block_tables, scale,
+                     positions, slot_mapping):
+    # plain torch: the q/k norms, RoPE and cache write, then attention -> (out, k_cache, v_cache), the caches copies
+    k_cache, v_cache = k_cache.clone(), v_cache.clone()
+    q = qk_norm_rope_store_reference(qkv, q_norm, k_norm, eps, positions, cos_sin, k_cache, v_cache, slot_mapping)
+    cu_seqlens_q = torch.arange(qkv.shape[0] + 1, dtype=torch.int32, device=DEVICE)
+    out = paged_attention_reference(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
+    return out, k_cache, v_cache
+
+
+def rounding_tolerance(dtype):  # for what the kernels and the reference round alike (q/k norms, RoPE)
+    # within two units in the last place (a rounding flipped early can carry); but Triton's interpreter rounds
+    # to bf16 by truncation, a few units off
+    close = dict(rtol=2 * torch.finfo(dtype).eps, atol=1e-5) if dtype != torch.float32 else {}
+    return dict(rtol=0.05, atol=0.07) if dtype == torch.bfloat16 and DEVICE == "cpu" else close
+
+
+def check_decode(inputs, reference_inputs, num_splits=None):  # -> the kernel's output, checked against the reference
+    ref, k_ref, v_ref = decode_reference(**inputs, **reference_inputs)
+    out = torch.full(ref.shape, float("nan"), dtype=ref.dtype, device=DEVICE)
+    decode_attention(**inputs, num_splits=num_splits, out=out)
+    dtype, padding = ref.dtype, inputs["context_lens"] == 0
+    assert rel_error(out, ref) < TOLERANCE[dtype] and torch.all(out[padding] == 0)  # context 0 -> zeros
+    # the new keys as the reference rounds them (but at real sizes a rounding flipped early and carried turns up:
+    # within the attention's tolerance), values as they are; nothing else written
+    slots = reference_inputs["slot_mapping"]
+    written = slots[slots >= 0].long()
+    key, key_ref = inputs["k_cache"].flatten(0, 1), k_ref.flatten(0, 1)  # (slots, kv heads, head_dim)
+    assert rel_error(key[written], key_ref[written].float()) < TOLERANCE[dtype]
+    key_ref[written] = key[written]
+    torch.testing.assert_close(key, key_ref, equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(inputs["v_cache"], v_ref, equal_nan=True, rtol=0, atol=0)
+    return out
 
 
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=case_id)
-def test_decode_attention(case):
+@pytest.mark.parametrize("qk_norm", [True, False], ids=["qk-norm", "no-norm"])
+def test_decode_attention(case, qk_norm):
     dtype, head_dim, group, block_size = case
-    q, k_cache, v_cache, context_lens, block_tables = make_decode_inputs(*case, seed=case_id(case))
-    scale = head_dim ** -0.5
-    out = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)
-    decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale, out=out)
-    ref = decode_reference(q, k_cache, v_cache, context_lens, block_tables, scale)
-    assert torch.all(out[0] == 0)  # context_len 0 -> zeros
-    assert rel_error(out, ref) < TOLERANCE[dtype]
+    rng = random.Random(case_id(case))
+    torch.manual_seed(rng.randrange(2**31))
+    # a padding row (0), on and off block edges, and a few blocks long
+    context_lens = [0, block_size, rng.randrange(1, block_size), rng.randrange(2 * block_size, 5 * block_size)]
+    check_decode(*make_decode_inputs(context_lens, block_size, 1 if group == 8 else 2, group, head_dim, dtype, qk_norm))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_decode_num_splits_invariant(dtype):
     # contexts of up to 5 tiles of 128 keys: split 1, 2, 3 and 8 ways, they take up to 1, 2, 3 and 5 splits
-    q, k_cache, v_cache, context_lens, block_tables = make_decode_inputs(dtype, 32, 2, 128, seed="splits")
-    scale = 32 ** -0.5
-    ref = decode_reference(q, k_cache, v_cache, context_lens, block_tables, scale)
+    context_lens = [0, 128, 77, 333, 600]
     outs = []
     for num_splits in [1, 2, 3, 8]:
-        out = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)
-        decode_attention(q, k_cache, v_cache, context_lens, block_tables, scale, num_splits=num_splits, out=out)
-        assert rel_error(out, ref) < TOLERANCE[dtype]
-        outs.append(out.float())
-        assert not nanollm.split_counters(q.device).any()  # each merge set its counter back to 0
+        torch.manual_seed(0)  # the same inputs each time
+        inputs, reference_inputs = make_decode_inputs(context_lens, 128, 2, 2, 32, dtype)
+        outs.append(check_decode(inputs, reference_inputs, num_splits).float())
+        assert not nanollm.split_counters(DEVICE).any()  # each merge set its counter back to 0
     for out in outs[1:]:
         assert rel_error(out, outs[0]) < TOLERANCE[dtype] / 2
 
@@ -655,12 +687,8 @@ def test_qk_norm_rope_store(dtype, num_heads, num_kv_heads, head_dim, qk_norm): 
     q = qk_norm_rope_store(qkv, *args, k_cache, v_cache, slot_mapping)
     q_ref = qk_norm_rope_store_reference(qkv, *args, k_ref, v_ref, slot_mapping)
     assert q.shape == (num_tokens, num_heads, head_dim)
-    # within two units in the last place (a rounding flipped early can carry); but Triton's interpreter rounds
-    # to bf16 by truncation, a few units off
-    close = dict(rtol=2 * torch.finfo(dtype).eps, atol=1e-5) if dtype != torch.float32 else {}
-    close = dict(rtol=0.05, atol=0.07) if dtype == torch.bfloat16 and DEVICE == "cpu" else close
-    torch.testing.assert_close(q, q_ref, **close)
-    torch.testing.assert_close(k_cache, k_ref, **close)  # and the slots no token maps to are untouched
+    torch.testing.assert_close(q, q_ref, **rounding_tolerance(dtype))
+    torch.testing.assert_close(k_cache, k_ref, **rounding_tolerance(dtype))  # and slots no token maps to untouched
     assert torch.equal(v_cache, v_ref)
 
 
@@ -688,18 +716,18 @@ def test_gemv_with_folded_norm_and_swiglu(dtype, in_features, out_features, with
         assert rel_error(out, ref().float()) < TOLERANCE[dtype], name
 
 
+QK_NORM_OR_NOT = ({}, dict(q_norm_ptr=None, k_norm_ptr=None))  # Qwen3; Qwen2 and Llama
 HOPPER_LAUNCHES = [  # each kernel with the compile-time constants the engine gives it for Qwen3-0.6B in bf16
     *[(nanollm._gemv_kernel, dict(PROLOGUE=prologue, BLOCK_N=4, BLOCK_K=block_k, PDL=True, bias_ptr=None))
       for prologue, block_k in (("none", 2048), ("swiglu", 4096), ("norm", 1024))],  # o_proj, down, q|k|v and gate|up
     (nanollm._gemv_kernel, dict(PROLOGUE="norm", BLOCK_N=4, BLOCK_K=1024, PDL=True)),  # with a bias: Qwen2's q/k/v
     *[(nanollm._qk_norm_rope_store_kernel, dict(NUM_HEADS=16, NUM_KV_HEADS=8, HEADS_PAD=16, KV_HEADS_PAD=8,
-                                                HEAD_DIM=128, PDL=True, **no_norm))
-      for no_norm in ({}, dict(q_norm_ptr=None, k_norm_ptr=None))],  # Qwen3; Qwen2 and Llama
+                                                HEAD_DIM=128, **no_norm)) for no_norm in QK_NORM_OR_NOT],
     (nanollm._prefill_attention_kernel, dict(NUM_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_SIZE=256, BLOCK_M=64,
                                              BLOCK_N=64, UPCAST=False)),
     *[(nanollm._decode_attention_kernel, dict(NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_SIZE=256, GROUP=2, GROUP_PAD=16,
                                               BLOCK_N=64, NUM_SPLITS=splits, SPLITS_PAD=splits, UPCAST=False,
-                                              PDL=True)) for splits in (1, 8)],
+                                              PDL=True, **no_norm)) for splits in (1, 8) for no_norm in QK_NORM_OR_NOT],
     (nanollm._sample_kernel, dict(PART=8192, BLOCK=2048)),
     *[(nanollm._moe_gemm_kernel, dict(TOP_K=8, SWIGLU=swiglu, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, UPCAST=False))
       for swiglu in (True, False) for block_m in (16, 64)],
@@ -745,13 +773,7 @@ def test_kernels_at_real_shapes(dtype, block_size, head_dim):
     for group, batch in zip([1, 2, 4, 8], [1, 7, 64, 256]):
         ctx = [rng.choice([rng.randrange(1, 2048), rng.randrange(1, 8) * block_size]) for _ in range(batch)]
         ctx[-1] = 0 if batch > 1 else ctx[-1]  # a CUDA-graph padding row
-        k_cache, v_cache, tables = make_paged_cache(ctx, block_size, num_kv_heads, head_dim, dtype)
-        q = torch.randn(batch, num_kv_heads * group, head_dim, device=DEVICE).to(dtype)
-        lens = torch.tensor(ctx, dtype=torch.int32, device=DEVICE)
-        out = decode_attention(q, k_cache, v_cache, lens, tables, scale)
-        ref = paged_attention_reference(q, k_cache, v_cache, torch.arange(batch + 1, dtype=torch.int32, device=DEVICE),
-                                        lens, tables, scale)
-        assert (batch == 1 or torch.all(out[-1] == 0)) and rel_error(out, ref.float()) < TOLERANCE[dtype]
+        check_decode(*make_decode_inputs(ctx, block_size, num_kv_heads, group, head_dim, dtype, qk_norm=group != 4))
         q_lens = [rng.randrange(1, 600) for _ in range(min(batch, 16))]
         ctx = [n + rng.choice([0, block_size, rng.randrange(0, 1024)]) for n in q_lens]
         k_cache, v_cache, tables = make_paged_cache(ctx, block_size, num_kv_heads, head_dim, dtype)
