@@ -583,11 +583,14 @@ class ForCausalLM(nn.Module):  # module paths = checkpoint keys; packed parts lo
 # list of blocks (its block table): position p lives at offset p % block_size of block block_table[p // block_size],
 # i.e. at slot block_id * block_size + offset. A step writes the new tokens' keys/values through the slot mapping, then
 # attention reads the whole context (cached prefix + new tokens) back through the block table, so prefix-cache hits and
-# chunked prefill need nothing special: the queries are the last q_len positions of a longer context.
+# chunked prefill need nothing special: the queries are the last q_len positions of a longer context. On a GPU, a step
+# of one token a sequence (decode) runs one kernel that writes each new token itself, at position context_len - 1
+# through the block table (context 0: a padding row, nothing written); it reads neither positions nor slot mapping.
 
 @dataclass
 class AttnMeta:
-    slot_mapping: torch.Tensor   # (N,) int32 cache slot of each new token; -1 = padding, not written
+    slot_mapping: torch.Tensor   # (N,) int32 cache slot of each new token; -1 = padding, not written (a GPU decode
+                                 # step does not read it: see above)
     cu_seqlens_q: torch.Tensor   # (B+1,) int32 offsets of each sequence's new tokens in the batch
     context_lens: torch.Tensor   # (B,) int32 tokens in the cache per sequence, new ones included
     block_tables: torch.Tensor   # (B, max_blocks) int32
@@ -655,7 +658,8 @@ def _qk_norm_rope_store_kernel(qkv_ptr, q_ptr, q_norm_ptr, k_norm_ptr, cos_sin_p
                                HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
     # grid: (num_tokens,). A program reads one token's row of qkv, [q heads | k heads | v heads] x head_dim, and
     # writes q normalised (if norm pointers are given) and rotated to q_ptr (N, heads, head_dim), k likewise and v as
-    # it is to the token's slot. Prefill steps run it (a decode step's attention kernel does this work itself).
+    # it is to the token's slot. GPU steps with more than one token a sequence run it; one-token steps (decode) have
+    # the attention kernel do this work itself.
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token)
     row = qkv_ptr + token * (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM
@@ -789,16 +793,19 @@ def _decode_attention_kernel(
     qkv_row = qkv_ptr + seq.to(tl.int64) * (NUM_KV_HEADS * (GROUP + 2) * HEAD_DIM)
     q = _norm_rope(qkv_row + heads[:, None] * HEAD_DIM, head_mask[:, None], q_norm_ptr, cos_sin_ptr, pos, eps, HEAD_DIM)
     block_table_ptr = block_tables_ptr + seq.to(tl.int64) * block_tables_stride
-    if split == used_splits - 1:  # the split with the last tile caches the new key (likewise) and value,
-        one_head = tl.zeros([1, 1], tl.int32)  # this kv head's key and value as (1, HEAD_DIM) tiles
-        has_token = one_head < context_len  # a padding row (no context) has none: nothing is stored
-        k_row = qkv_row + (NUM_KV_HEADS * GROUP + kv_head) * HEAD_DIM + one_head
+    # The split that reads the last tile caches the new key (normalised and rotated too) and value of this kv head,
+    # then its threads read them back from the cache like every other key and value. No other program reads that
+    # slot of this kv head: other splits stop before the last tile, and a block holding a new token is never shared.
+    if split == used_splits - 1:
+        zero = tl.zeros([1, 1], tl.int32)  # makes the key and value (1, HEAD_DIM) tiles
+        has_token = zero < context_len  # a padding row (no context) has none: nothing is stored
+        k_row = qkv_row + (NUM_KV_HEADS * GROUP + kv_head) * HEAD_DIM + zero
         slot = tl.load(block_table_ptr + pos // BLOCK_SIZE).to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
         cache = (slot * NUM_KV_HEADS + kv_head) * HEAD_DIM + dims[None, :]
         new_key = _norm_rope(k_row, has_token, k_norm_ptr, cos_sin_ptr, pos, eps, HEAD_DIM)
         tl.store(k_cache_ptr + cache, new_key, mask=has_token)
         tl.store(v_cache_ptr + cache, tl.load(k_row + NUM_KV_HEADS * HEAD_DIM + dims[None, :]), mask=has_token)
-        tl.debug_barrier()  # which its threads then read back from the cache like every other key and value
+        tl.debug_barrier()  # the stores before the loop's loads, for every thread of the program
     q = q.to(tl.float32) if UPCAST else q
     m_i, l_i = tl.full([GROUP_PAD], -1e30, tl.float32), tl.zeros([GROUP_PAD], tl.float32)  # running row max and sum
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
@@ -1256,8 +1263,9 @@ class ModelRunner:
         # One int32 tensor, floats as their bits (head() views them as floats again). Each part is 16-byte aligned:
         # Triton specialises a kernel on its pointers' alignment, and nothing may compile mid-run.
         if graph_bs is not None:  # a decode step grown to a graph's batch size, into the buffer the graph reads: its
-            # padding rows write nothing (slot -1), attend to nothing (context 0) and sample greedily from row 0. The
-            # block tables come last, so every other input lands where it did at capture, whatever the tables' width.
+            # padding rows have context 0, so write nothing (slot -1 too) and attend to nothing, and sample greedily
+            # from row 0. The block tables come last, so every other input lands where it did at capture, whatever the
+            # tables' width.
             fill = dict(slot_mapping=-1, top_k=self.config.hf.vocab_size, top_p=1.0, block_tables=[0])
             step = {name: step[name] + [fill.get(name, 0)] * (graph_bs - len(step[name])) for name in STEP_INPUTS}
             step["cu_seqlens_q"] = list(range(graph_bs + 1))

@@ -593,6 +593,7 @@ def make_decode_inputs(context_lens, block_size, num_kv_heads, group, head_dim, 
     # the cache NaN (written by the step: a read of the old value poisons the output); context 0: a padding row
     k_cache, v_cache, block_tables = make_paged_cache(context_lens, block_size, num_kv_heads, head_dim, dtype)
     context_lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
+    block_tables[context_lens == 0, 0] = block_tables.max()  # as in the engine, a live block: a stray write shows
     positions = (context_lens - 1).clamp(min=0)
     blocks = block_tables.gather(1, (positions // block_size)[:, None].long())[:, 0]
     slots = blocks * block_size + positions % block_size
@@ -602,9 +603,9 @@ def make_decode_inputs(context_lens, block_size, num_kv_heads, group, head_dim, 
     qkv = torch.randn(len(context_lens), num_kv_heads * (group + 2) * head_dim, device=DEVICE).to(dtype)
     norms = [1 + torch.randn(head_dim, device=DEVICE).to(dtype) / 4 if qk_norm else None for _ in range(2)]
     cos_sin = nanollm.rope_table(head_dim, int(context_lens.max()) + 1, 1e6).to(DEVICE)
-    return dict(qkv=qkv, q_norm=norms[0], k_norm=norms[1], eps=1e-6, cos_sin=cos_sin, k_cache=k_cache,
-                v_cache=v_cache, context_lens=context_lens, block_tables=block_tables, scale=head_dim ** -0.5), dict(
-                positions=positions, slot_mapping=slot_mapping)
+    inputs = dict(qkv=qkv, q_norm=norms[0], k_norm=norms[1], eps=1e-6, cos_sin=cos_sin, k_cache=k_cache,
+                  v_cache=v_cache, context_lens=context_lens, block_tables=block_tables, scale=head_dim ** -0.5)
+    return inputs, dict(positions=positions, slot_mapping=slot_mapping)  # the kernel's, and what the reference adds
 
 
 def decode_reference(qkv, q_norm, k_norm, eps, cos_sin, k_cache, v_cache, context_lens, block_tables, scale,
@@ -648,8 +649,9 @@ def test_decode_attention(case, qk_norm):
     dtype, head_dim, group, block_size = case
     rng = random.Random(case_id(case))
     torch.manual_seed(rng.randrange(2**31))
-    # a padding row (0), on and off block edges, and a few blocks long
-    context_lens = [0, block_size, rng.randrange(1, block_size), rng.randrange(2 * block_size, 5 * block_size)]
+    # a padding row (0), on and off block edges (block_size + 1: the new token first in a fresh block), a few blocks
+    context_lens = [0, block_size, block_size + 1, rng.randrange(1, block_size),
+                    rng.randrange(2 * block_size, 5 * block_size)]
     check_decode(*make_decode_inputs(context_lens, block_size, 1 if group == 8 else 2, group, head_dim, dtype, qk_norm))
 
 
@@ -662,7 +664,7 @@ def test_decode_num_splits_invariant(dtype):
         torch.manual_seed(0)  # the same inputs each time
         inputs, reference_inputs = make_decode_inputs(context_lens, 128, 2, 2, 32, dtype)
         outs.append(check_decode(inputs, reference_inputs, num_splits).float())
-        assert not nanollm.split_counters(DEVICE).any()  # each merge set its counter back to 0
+        assert not nanollm.split_counters(inputs["qkv"].device).any()  # each merge set its counter back to 0
     for out in outs[1:]:
         assert rel_error(out, outs[0]) < TOLERANCE[dtype] / 2
 
