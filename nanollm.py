@@ -992,12 +992,11 @@ class BlockManager:
 # its next token preempts the newest admitted one, which frees its blocks and recomputes later (mostly prefix-cached).
 
 class Scheduler:
-    def __init__(self, config, block_manager, eos_token_ids):
+    def __init__(self, config, block_manager, eos_token_ids, stats):
         self.config, self.block_manager, self.eos_token_ids = config, block_manager, set(eos_token_ids)
         self.waiting = deque()   # not admitted, or preempted (at the front)
         self.running = []        # admitted, oldest first
-        self.num_preemptions = 0
-        self.num_cached_tokens = 0  # prompt tokens the prefix cache served, counted at each admission
+        self.stats = stats       # the engine's counters: preemptions and cached_prompt_tokens are counted here
 
     def schedule(self):  # -> (batch, is_prefill)
         # a prefill step: first the running sequences still prefilling (chunked prompts), oldest first...
@@ -1012,7 +1011,7 @@ class Scheduler:
                 break
             self.running.append(self.waiting.popleft())
             seq.running = True
-            self.num_cached_tokens += seq.num_computed_tokens  # all claimed from the prefix cache
+            self.stats["cached_prompt_tokens"] += seq.num_computed_tokens  # all claimed from the prefix cache
             budget -= self.take(seq, num_tokens, batch)
         if batch:
             return batch, True
@@ -1032,7 +1031,7 @@ class Scheduler:
                 newest = self.running[-1]  # preempted: newer sequences make way for older ones, and last of all seq
                 self.remove(newest)
                 self.waiting.appendleft(newest)
-                self.num_preemptions += 1
+                self.stats["preemptions"] += 1
                 if newest is seq:  # seq itself must wait
                     return batch, 0
             budget -= self.take(seq, num_tokens, batch)
@@ -1423,12 +1422,13 @@ class LLM:
         self.num_kvcache_blocks = num_blocks = self.runner.num_kvcache_blocks
         self.block_manager = BlockManager(num_blocks, config.kvcache_block_size, config.enable_prefix_caching)
         self.eos_token_ids = config.hf.eos_token_ids or tuple({self.tokenizer.eos_token_id} - {None})  # may have none
-        self.scheduler = Scheduler(config, self.block_manager, self.eos_token_ids)
-        self.request_ids = itertools.count()  # ids for new requests: 0, 1, 2, ...
         # counters since start; prefill_tokens and decode_tokens count the tokens computed in each kind of step
-        # (with a sequence that stopped while already in the next step's batch: that row is counted too)
+        # (with a sequence that stopped while already in the next step's batch: that row is counted too); the
+        # scheduler counts preemptions and cached_prompt_tokens (prompt tokens the prefix cache served)
         self.stats = dict(prompt_tokens=0, cached_prompt_tokens=0, prefill_tokens=0, decode_tokens=0,
                           preemptions=0, steps=0)
+        self.scheduler = Scheduler(config, self.block_manager, self.eos_token_ids, self.stats)
+        self.request_ids = itertools.count()  # ids for new requests: 0, 1, 2, ...
 
     def __enter__(self):
         return self
@@ -1540,9 +1540,7 @@ class LLM:
         self.pending = (rows, host, copied) if rows else None  # before the placeholders exist: none is ever lost
         self.ids_overwritten = False
         self.scheduler.postprocess(batch, rows)
-        self.stats["cached_prompt_tokens"] = self.scheduler.num_cached_tokens
         self.stats["prefill_tokens" if is_prefill else "decode_tokens"] += sum(s.num_scheduled_tokens for s in batch)
-        self.stats["preemptions"] = self.scheduler.num_preemptions
         self.stats["steps"] += 1
         return done
 
