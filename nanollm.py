@@ -1565,8 +1565,7 @@ class LLM:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             raise TypeError("prompts is a list of strings or a list of token-id lists")
         params = sampling_params or SamplingParams()
-        if not isinstance(params, (list, tuple)):
-            params = [params] * len(prompts)
+        params = params if isinstance(params, (list, tuple)) else [params] * len(prompts)  # one for all, or one each
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
         seqs = [self.make_sequence(p, sp) for p, sp in zip(prompts, params)]  # all checked before any runs
