@@ -1576,7 +1576,8 @@ class LLM:
         return dict(text=self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True),
                     token_ids=seq.completion_token_ids, finish_reason=seq.finish_reason)
 
-    def run(self, seqs, use_tqdm=True, on_finish=None):  # steps until seqs finish; bar: done/total, latest tok/s
+    def run(self, seqs, use_tqdm=True, on_finish=lambda seq: None):  # steps until seqs finish, each passed to on_finish
+        # bar: done/total, latest tok/s
         from tqdm.auto import tqdm
         bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
         mine, rates, num_finished = {seq.request_id for seq in seqs}, {}, 0
@@ -1589,8 +1590,7 @@ class LLM:
                     if seq.is_finished and seq.request_id in mine:
                         num_finished += 1
                         bar.update(1)
-                        if on_finish:
-                            on_finish(seq)
+                        on_finish(seq)
                 prefill, decode = self.stats["prefill_tokens"] - before[0], self.stats["decode_tokens"] - before[1]
                 rates["prefill" if prefill else "decode"] = (prefill or decode) / (time.perf_counter() - t)
                 bar.set_postfix_str(", ".join(f"{k} {v:,.0f} tok/s" for k, v in rates.items()), refresh=False)
