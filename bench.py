@@ -8,6 +8,7 @@ bench.py: nanollm's throughput against the physical floor of the same work (a be
   python bench.py --shape qwen3-30b-a3b --num-layers 24   # the MoE, half its layers (the full one is 61 GB)
   python bench.py --moe-kernels        # the fused MoE kernels alone at Qwen3-30B-A3B's shape, decode batch sizes
   python bench.py --engine hf --num-seqs 64   # HF transformers' continuous batching, same workload
+  python bench.py --top-k 20 --top-p 0.95     # with Qwen3's recommended filters (temperature 0.6 as before)
 
 Warm-up is kept out of the timed region; the last line printed is JSON.
 """
@@ -235,7 +236,8 @@ def run_nanollm(args, model_dir, prompts, max_tokens, temperature, device):
     llm = LLM(model_dir, **kwargs)
     llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)  # warm-up, not timed
 
-    params = [SamplingParams(temperature=temperature, ignore_eos=True, max_tokens=m) for m in max_tokens]
+    params = [SamplingParams(temperature=temperature, top_k=args.top_k, top_p=args.top_p, ignore_eos=True, max_tokens=m)
+              for m in max_tokens]
     preemptions_before = llm.stats["preemptions"]
     sync(device)
     t0 = time.perf_counter()
@@ -310,8 +312,13 @@ def main():
     parser.add_argument("--single-stream", action="store_true", help="1 sequence, 16-token prompt, 1024 greedy tokens")
     parser.add_argument("--engine", choices=["nanollm", "hf"], default="nanollm")
     parser.add_argument("--moe-kernels", action="store_true", help="time the fused MoE kernels alone (GPU)")
+    parser.add_argument("--temperature", type=float, default=None, help="default: 0.6, or 0 for --single-stream")
+    parser.add_argument("--top-k", type=int, default=-1, help="sampling filter, as in SamplingParams (-1: off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="sampling filter, as in SamplingParams (1: off)")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args()
+    if args.engine == "hf" and (args.top_k, args.top_p) != (-1, 1.0):
+        parser.error("--top-k and --top-p are for nanollm only")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.moe_kernels:
         return bench_moe_kernels(device, args.json_out)
@@ -327,6 +334,7 @@ def main():
                    for _ in range(args.num_seqs)]
         max_tokens = [randint(min_out, args.max_output_len) for _ in range(args.num_seqs)]
         temperature = 0.6
+    temperature = temperature if args.temperature is None else args.temperature
 
     copy_bw, matmul_flops = measure_hardware(device)
     # With tensor parallelism the work is split across GPUs: assume each adds the same bandwidth and FLOPs.
@@ -344,6 +352,7 @@ def main():
     floor = physical_floor(cfg, *count_params(model_dir), [len(p) for p in prompts], max_tokens, copy_bw, matmul_flops)
     floor_s = floor["decode_floor_s"] + floor["prefill_floor_s"]  # single stream: ~all decode (weights read)
     result = dict(engine=args.engine, device=device, mode="single-stream" if args.single_stream else "batch",
+                  temperature=temperature, top_k=args.top_k, top_p=args.top_p,
                   num_seqs=len(prompts), prompt_tokens=sum(map(len, prompts)), output_tokens=tokens,
                   seconds=seconds, tokens_per_s=tokens / seconds,
                   peak_gpu_mem_bytes=torch.cuda.max_memory_allocated() if device == "cuda" else None,
