@@ -241,8 +241,8 @@ class VocabParallelEmbedding(nn.Module):  # a contiguous slice of the vocabulary
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    def forward(self, x):  # (B, hidden) -> (B, vocab) logits on the group's first rank, None elsewhere
-        logits = F.linear(x, self.weight)
+    def forward(self, x, out=None):  # (B, hidden) -> (B, vocab) logits on the group's first rank, None elsewhere
+        logits = torch.mm(x, self.weight.t(), out=out)  # out: (B, rows) to write them to, or None
         if self.tp.size > 1:
             parts = [torch.empty_like(logits) for _ in range(self.tp.size)] if self.tp.rank == 0 else None
             dist.gather(logits, parts, dst=self.tp.first, group=self.tp.group)
@@ -1077,22 +1077,25 @@ class Scheduler:
 # -----------------------------------------------------------------------------
 # Model runner: batch -> tensors -> forward (CUDA graph replay for decode) -> logits -> sampled tokens
 
-def sample(logits, temperature, seeds, top_k=None, top_p=None):
+def sample(logits, temperature, seeds, top_k=None, top_p=None, candidates=None):
     # logits: (B, V); temperature: (B,) float, 0 = greedy; seeds: (B,) int32, each row's random stream;
-    # top_k: (B,) int (V = all) and top_p: (B,) float, both None when no row filters. -> (B,) int32 ids
-    if top_k is not None:
-        logits = filter_top_k_top_p(logits, temperature, top_k, top_p)
+    # top_k: (B,) int (V = all) and top_p: (B,) float, both None when no row filters; candidates: an int, at least
+    # every row's top_k. -> (B,) int32 ids
+    if top_k is not None:  # the kept tokens are among each row's best `candidates`: fewer than V, a partial sort
+        best, order = logits.topk(candidates) if candidates < logits.shape[1] else logits.sort(descending=True)
+        kept = filter_top_k_top_p(best, temperature, top_k, top_p)
+        logits = torch.full_like(logits, float("-inf")).scatter_(1, order, kept)  # -inf outside the kept set
     return (sample_triton if logits.is_cuda else sample_reference)(logits, temperature, seeds)
 
 
 @compiled_on_gpu
-def filter_top_k_top_p(logits, temperature, top_k, top_p):  # -> logits, -inf outside each row's kept set
-    # sort once; drop ranks >= top_k, then the tail past top_p of the renormalised rest
-    sorted_logits, order = (logits.float() / temperature.clamp(min=1e-6).unsqueeze(1)).sort(-1, descending=True)
-    dropped = torch.arange(logits.shape[1], device=logits.device) >= top_k.unsqueeze(1)
-    probs = sorted_logits.masked_fill(dropped, float("-inf")).softmax(-1)
+def filter_top_k_top_p(best, temperature, top_k, top_p):  # best: (B, C) each row's best logits, in order
+    # -> best with -inf at ranks >= top_k, then in the tail past top_p of the renormalised rest. The shapes are
+    # (B, C) only, so torch.compile compiles it once for every C (C = V or not)
+    dropped = torch.arange(best.shape[1], device=best.device) >= top_k.unsqueeze(1)
+    probs = (best.float() / temperature.clamp(min=1e-6).unsqueeze(1)).masked_fill(dropped, float("-inf")).softmax(-1)
     dropped |= probs.cumsum(-1) - probs >= top_p.unsqueeze(1)  # the mass of the better tokens reached top_p
-    return logits.masked_fill(torch.empty_like(dropped).scatter_(1, order, dropped), float("-inf"))
+    return best.masked_fill(dropped, float("-inf"))
 
 
 def sample_reference(logits, temperature, seeds):
@@ -1208,7 +1211,7 @@ class ModelRunner:
         n, rest = divmod(cfg.max_num_batched_tokens, cfg.max_model_len)
         # the sampler's filters (compiled) at their largest batch and at batch 1 (the last sequence, of one token), so
         # that torch.compile never compiles in the middle of a run
-        params = SamplingParams(top_k=50, top_p=0.9)
+        params = SamplingParams(top_p=0.9)  # no top_k: a whole sort, the filter's largest memory
         seqs = [Sequence(-1, [0] * m, params) for m in [cfg.max_model_len] * n + ([rest] if rest else []) + [1]]
         for seq in seqs:  # what the cache holds does not matter here, so all of them share the first blocks
             seq.num_scheduled_tokens, seq.block_table = len(seq), list(range(cdiv(len(seq), bs)))
@@ -1286,29 +1289,32 @@ class ModelRunner:
         meta = AttnMeta(inputs["slot_mapping"], inputs["cu_seqlens_q"], inputs["context_lens"], tables, max_seqlen_q)
         return self.model.model(input_ids, inputs["positions"], meta)[inputs["logits_rows"]]
 
-    def head(self, hidden, inputs, filtered):  # LM head and sampler -> ids (rows,) in self.sampled; None off rank 0
-        logits = self.model.lm_head(hidden)
+    def head(self, hidden, inputs, candidates, logits=None):  # LM head (unless logits are given) and sampler -> ids
+        # (rows,) in self.sampled; None off rank 0. candidates: see sample(); None: no row filters
+        logits = self.model.lm_head(hidden) if logits is None else logits
         if logits is None:
             return None
-        filters = (inputs["top_k"], inputs["top_p"].view(torch.float32)) if filtered else ()
+        filters = (inputs["top_k"], inputs["top_p"].view(torch.float32), candidates) if candidates else ()
         ids = sample(logits, inputs["temperature"].view(torch.float32), inputs["seeds"], *filters)
         return self.sampled[:len(hidden)].copy_(ids)
 
     @torch.inference_mode()
     def run(self, step):  # -> the sampled ids (rows,) on the device on the group's first rank; else or no rows: None
         rows, vocab = len(step["logits_rows"]), self.config.hf.vocab_size
+        # with top-k/top-p filters: 2 candidates at least (torch.compile would specialise the filter for 1)
         filtered = any(k < vocab for k in step["top_k"]) or any(p < 1 for p in step["top_p"])
+        candidates = max(2, *step["top_k"]) if filtered else None
         # a decode step replays the smallest graph that fits it
         bs = min((b for b in self.graphs if b >= len(step["input_ids"]) and step["max_seqlen_q"] == 1), default=None)
         inputs = self.upload(step, graph_bs=bs)
         if bs is None:
-            hidden, ids = self.forward(inputs, step["max_seqlen_q"]), None
+            hidden, logits, ids = self.forward(inputs, step["max_seqlen_q"]), None, None
         else:  # the graph reads its inputs where they were at capture; only the tables' columns in use are copied
             self.graph_tables[:bs, :len(inputs["block_tables"]) // bs] = inputs["block_tables"].view(bs, -1)
-            graph, hidden, ids = self.graphs[bs]
+            graph, hidden, logits, ids = self.graphs[bs]
             graph.replay()
         if rows and (ids is None or filtered):  # no head in the graph (tensor parallelism), or top-k/top-p filters
-            ids = self.head(hidden, inputs, filtered)
+            ids = self.head(hidden, inputs, candidates, logits)
         return ids[:rows] if rows and ids is not None else None
 
     # ---- CUDA graphs: decode steps are replayed from graphs captured once per bucketed batch size
@@ -1319,17 +1325,20 @@ class ModelRunner:
         # static buffers: a replay reads its inputs from these; the tables are copied apart, at their width in use
         self.graph_tables = torch.zeros(max_bs, width, dtype=torch.int32, device=self.device)
         self.graph_inputs = self.graph_tables.new_zeros((max_bs + 4) * (len(STEP_INPUTS) + width))
+        self.graph_logits = self.model.lm_head.weight.new_empty(max_bs, self.model.lm_head.rows)  # the head's output
         pool = torch.cuda.graph_pool_handle()  # one memory pool: captured largest first, smaller graphs reuse it
         for bs in reversed([b for b in [1, 2, 4, 8, *range(16, max_bs, 16)] if b < max_bs] + [max_bs]):
             inputs = self.upload({name: [] for name in STEP_INPUTS}, graph_bs=bs)
             inputs["block_tables"] = self.graph_tables[:bs]
-            self.head(self.forward(inputs, 1), inputs, False)  # run once (Triton compiles), then captured
+            self.head(self.forward(inputs, 1), inputs, None)  # run once (Triton compiles), then captured
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool):
                 hidden = self.forward(inputs, 1)
-                # the head too, but with tensor parallelism: its gather to rank 0 is not proven inside a graph
-                ids = self.head(hidden, inputs, False) if self.tp.size == 1 else None
-            self.graphs[bs] = (graph, hidden, ids)
+                # the head too, but with tensor parallelism: its gather to rank 0 is not proven inside a graph. Its
+                # logits go to a buffer that outlives the replay: a step with top-k/top-p filters samples them again
+                logits = self.model.lm_head(hidden, out=self.graph_logits[:bs]) if self.tp.size == 1 else None
+                ids = self.head(hidden, inputs, None, logits) if self.tp.size == 1 else None
+            self.graphs[bs] = (graph, hidden, logits, ids)
             torch.cuda.synchronize()
 
 

@@ -287,15 +287,18 @@ def reference_probs(logits, temperature, top_k, top_p):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])  # torch reference; Triton kernel
-@pytest.mark.parametrize("top_k, top_p", [(5, 1.0), (50, 0.6), (-1, 0.3), (-1, 1.0)])
-def test_sampler_matches_reference_distribution(top_k, top_p, device):
+# candidates: the sort's width, the batch's largest top_k (under the vocabulary of 50: a partial sort) or more
+@pytest.mark.parametrize("top_k, top_p, candidates", [(5, 1.0, 5), (5, 0.7, 20), (50, 0.6, 50), (-1, 0.3, 50),
+                                                      (-1, 1.0, None)])
+def test_sampler_matches_reference_distribution(top_k, top_p, candidates, device):
     torch.manual_seed(0)
     vocab, draws = 50, 20000
     logits = torch.randn(vocab) * 2
     ref = reference_probs(logits, 0.8, top_k if top_k > 0 else vocab, top_p)
     rows = logits.expand(draws, vocab).contiguous().to(device)
     full = lambda value, dtype=torch.float32: torch.full((draws,), value, dtype=dtype, device=device)
-    filters = (full(top_k if top_k > 0 else vocab, torch.int64), full(top_p)) if (top_k, top_p) != (-1, 1.0) else ()
+    top_k_row = full(top_k if top_k > 0 else vocab, torch.int64)
+    filters = (top_k_row, full(top_p), candidates) if candidates else ()
     seeds = torch.randint(2**31, (draws,), dtype=torch.int32, device=device)
     ids = nanollm.sample(rows, full(0.8), seeds, *filters).cpu()
     freq = torch.bincount(ids, minlength=vocab).float() / draws
