@@ -1081,8 +1081,9 @@ def sample(logits, temperature, seeds, top_k=None, top_p=None, candidates=None):
     # logits: (B, V); temperature: (B,) float, 0 = greedy; seeds: (B,) int32, each row's random stream;
     # top_k: (B,) int (V = all) and top_p: (B,) float, both None when no row filters; candidates: an int, at least
     # every row's top_k. -> (B,) int32 ids
-    if top_k is not None:  # the kept tokens are among each row's best `candidates`: fewer than V, a partial sort
-        best, order = logits.topk(candidates) if candidates < logits.shape[1] else logits.sort(descending=True)
+    if top_k is not None:  # the kept tokens are among each row's best `candidates`: up to V / 8 a partial sort, more
+        # a whole one (whose memory the KV cache's warm-up measures: topk near V takes more, and is slower)
+        best, order = logits.topk(candidates) if candidates * 8 <= logits.shape[1] else logits.sort(descending=True)
         kept = filter_top_k_top_p(best, temperature, top_k, top_p)
         logits = torch.full_like(logits, float("-inf")).scatter_(1, order, kept)  # -inf outside the kept set
     return (sample_triton if logits.is_cuda else sample_reference)(logits, temperature, seeds)
