@@ -1091,8 +1091,8 @@ def sample(logits, temperature, seeds, top_k=None, top_p=None, candidates=None):
 
 @compiled_on_gpu
 def filter_top_k_top_p(best, temperature, top_k, top_p):  # best: (B, C) each row's best logits, in order
-    # -> best with -inf at ranks >= top_k, then in the tail past top_p of the renormalised rest. The shapes are
-    # (B, C) only, so torch.compile compiles it once for every C (C = V or not)
+    # -> best with -inf at ranks >= top_k, then in the tail past top_p of the renormalised rest. Its shapes are
+    # (B, C) only: were the logits' width V among them, a C < V would compile apart from the warm-up's C = V
     dropped = torch.arange(best.shape[1], device=best.device) >= top_k.unsqueeze(1)
     probs = (best.float() / temperature.clamp(min=1e-6).unsqueeze(1)).masked_fill(dropped, float("-inf")).softmax(-1)
     dropped |= probs.cumsum(-1) - probs >= top_p.unsqueeze(1)  # the mass of the better tokens reached top_p
