@@ -37,7 +37,7 @@ import time
 import traceback
 from array import array
 from collections import OrderedDict, deque
-from contextlib import suppress
+from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, fields
 from datetime import timedelta
 from pathlib import Path
@@ -933,10 +933,6 @@ class BlockManager:
         self.blocks, self.hash_to_block = [Block(i) for i in range(num_blocks)], {}
         self.free = OrderedDict.fromkeys(range(num_blocks))   # ref_count == 0, oldest-freed first
 
-    @property
-    def num_free_blocks(self):
-        return len(self.free)
-
     def blocks_needed(self, seq, num_tokens):  # new blocks for seq to hold num_tokens more tokens
         return max(0, cdiv(seq.num_computed_tokens + num_tokens, self.block_size) - len(seq.block_table))
 
@@ -1006,7 +1002,7 @@ class Scheduler:
         while self.waiting and budget and len(self.running) < self.config.max_num_seqs:  # caps the batch too
             seq = self.waiting[0]
             num_tokens = min(len(seq) - self.block_manager.claim_cached_prefix(seq), budget)
-            if self.block_manager.blocks_needed(seq, num_tokens) > self.block_manager.num_free_blocks:
+            if self.block_manager.blocks_needed(seq, num_tokens) > len(self.block_manager.free):
                 self.block_manager.release(seq)  # give the claimed prefix back; try again next step
                 break
             self.running.append(self.waiting.popleft())
@@ -1027,7 +1023,7 @@ class Scheduler:
             num_tokens = min(len(seq) - seq.num_computed_tokens, budget)
             if budget == 0:
                 return batch, 0
-            while self.block_manager.blocks_needed(seq, num_tokens) > self.block_manager.num_free_blocks:
+            while self.block_manager.blocks_needed(seq, num_tokens) > len(self.block_manager.free):
                 newest = self.running[-1]  # preempted: newer sequences make way for older ones, and last of all seq
                 self.remove(newest)
                 self.waiting.appendleft(newest)
@@ -1412,7 +1408,7 @@ def worker_main(config, rank, port, errors):
 # -----------------------------------------------------------------------------
 # LLM: the API. generate() is a loop over the step-level engine: add_request(), step(), is_finished().
 
-class LLM:
+class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (and its workers) on leaving
     def __init__(self, model, parallel=None, **kwargs):
         # parallel: the caller's tensor-parallel group (torchrun); None: tensor_parallel_size > 1 spawns the other ranks
         self.config = config = Config(model, **kwargs)
@@ -1439,9 +1435,6 @@ class LLM:
                           preemptions=0, steps=0)
         self.scheduler = Scheduler(config, self.block_manager, self.eos_token_ids, self.stats)
         self.request_ids = itertools.count()  # ids for new requests: 0, 1, 2, ...
-
-    def __enter__(self):
-        return self
 
     def __exit__(self, exc_type, exc, tb):
         self.exit(abrupt=exc is not None)

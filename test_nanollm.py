@@ -98,7 +98,7 @@ def random_prompts(lengths, seed=0, vocab=512):
 
 def assert_all_blocks_free(llm):
     bm = llm.block_manager
-    assert bm.num_free_blocks == len(bm.blocks)
+    assert len(bm.free) == len(bm.blocks)
     assert all(b.ref_count == 0 for b in bm.blocks)
     assert llm.is_finished() and not llm.requests
 
@@ -215,7 +215,7 @@ def test_block_manager_hashing_reuse_and_refcounts():
     bm = BlockManager(num_blocks=8, block_size=4)
     a = make_seq(list(range(10)))            # blocks [0..3] [4..7] [8, 9]
     compute(bm, a, 10)
-    assert len(a.block_table) == 3 and bm.num_free_blocks == 5
+    assert len(a.block_table) == 3 and len(bm.free) == 5
     assert [bm.blocks[b].hash != -1 for b in a.block_table] == [True, True, False]  # only full blocks
     b = make_seq(list(range(8)) + [42, 43, 44])  # shares two full blocks
     assert bm.claim_cached_prefix(b) == 8
@@ -225,15 +225,15 @@ def test_block_manager_hashing_reuse_and_refcounts():
     assert bm.claim_cached_prefix(c) == 0
     bm.release(a)
     bm.release(b)
-    assert bm.num_free_blocks == 8 and all(blk.ref_count == 0 for blk in bm.blocks)
+    assert len(bm.free) == 8 and all(blk.ref_count == 0 for blk in bm.blocks)
     # freed blocks keep their hashes and are revived by the same prefix
     d = make_seq(list(range(9)))
-    assert bm.claim_cached_prefix(d) == 8 and bm.num_free_blocks == 6
+    assert bm.claim_cached_prefix(d) == 8 and len(bm.free) == 6
     bm.release(d)
     # handing every block out for new tokens evicts the old contents
     e = make_seq([7] * 32)
     bm.allocate(e, 32)
-    assert bm.num_free_blocks == 0 and not bm.hash_to_block
+    assert len(bm.free) == 0 and not bm.hash_to_block
     bm.release(e)
     assert bm.claim_cached_prefix(make_seq(list(range(9)))) == 0
 
@@ -419,7 +419,7 @@ def test_bad_requests_change_nothing(checkpoints, hf_models):
     for prompts, params, message in cases:
         with pytest.raises(ValueError, match=message):
             llm.generate(prompts, params, use_tqdm=False)
-        assert llm.is_finished() and llm.block_manager.num_free_blocks == 4
+        assert llm.is_finished() and len(llm.block_manager.free) == 4
     assert llm.generate([good], GREEDY, use_tqdm=False)[0]["token_ids"] == hf_greedy(hf_models["gqa2-untied"], good, 12)
 
 
