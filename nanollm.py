@@ -40,6 +40,7 @@ from collections import OrderedDict, deque
 from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, fields
 from datetime import timedelta
+from numbers import Integral, Real
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -141,7 +142,7 @@ class Config:
         self.torch_dtype = auto if self.dtype == "auto" else getattr(torch, self.dtype)
         tp, gpus = self.tensor_parallel_size, torch.cuda.device_count()
         if self.device == "cuda" and tp > gpus:
-            raise ValueError(f"tensor_parallel_size {tp} exceeds the {gpus} GPUs present")
+            raise ValueError(f"device cuda with tensor_parallel_size {tp}: {gpus} GPUs present, {tp} needed")
         if hf.num_attention_heads % tp or hf.num_key_value_heads % tp:
             raise ValueError(f"tensor_parallel_size {tp} must divide the heads "
                              f"({hf.num_attention_heads} query, {hf.num_key_value_heads} KV)")
@@ -160,12 +161,14 @@ class SamplingParams:
     stop_token_ids: list | None = None
     seed: int | None = None
 
-    def __post_init__(self):
-        for name, ok, rule in [("temperature", self.temperature >= 0, ">= 0"),
-                               ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
-                               ("top_k", self.top_k == -1 or self.top_k >= 1, "-1 (off) or >= 1"),
-                               ("max_tokens", self.max_tokens >= 1, ">= 1")]:
-            if not ok:
+    def __post_init__(self):  # types too: a job's JSON may hold "7" or 2.5, which must fail here, not mid-step
+        for name, ok, rule in [("temperature", lambda t: isinstance(t, Real) and t >= 0, "a number >= 0"),
+                               ("top_p", lambda p: isinstance(p, Real) and 0 < p <= 1, "a number in (0, 1]"),
+                               ("top_k", lambda k: isinstance(k, Integral) and (k > 0 or k == -1), "-1 or an int > 0"),
+                               ("max_tokens", lambda n: isinstance(n, Integral) and n >= 1, "an int >= 1"),
+                               ("seed", lambda s: s is None or isinstance(s, Integral), "an int or None"),
+                               ("ignore_eos", lambda b: isinstance(b, bool), "True or False")]:
+            if not ok(getattr(self, name)):
                 raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
         self.stop_token_ids = list(self.stop_token_ids or [])
 
@@ -1414,6 +1417,8 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
         self.config = config = Config(model, **kwargs)
         from transformers import AutoTokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(model)
+        if len(self.tokenizer) < 2:  # transformers gives a directory without tokenizer files an empty one
+            raise ValueError(f"no tokenizer in {model!r}: nanollm needs the model's own (tokenizer.json or the like)")
         self.runner, self.workers, self.errors = None, [], None
         self.requests = {}  # id -> Sequence, until it finishes or is aborted
         self.pending = None  # the last step's sampled ids on their way to the host (see step())

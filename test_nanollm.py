@@ -353,6 +353,11 @@ def test_bad_model_paths(tmp_path, checkpoints):
     (other / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(FileNotFoundError, match="safetensors"):
         LLM(str(other))
+    no_tokenizer = tmp_path / "weights-only"  # config and weights, no tokenizer files: said at once, not "empty prompt"
+    shutil.copytree(checkpoints["gqa2-untied"], no_tokenizer,
+                    ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*", "chat_template*", "vocab*", "merges*"))
+    with pytest.raises(ValueError, match="no tokenizer in"):
+        LLM(str(no_tokenizer))
 
 
 def test_config_spellings_and_unsupported_variants(tmp_path, checkpoints):
@@ -392,16 +397,23 @@ def test_config_spellings_and_unsupported_variants(tmp_path, checkpoints):
     assert load(eos_token_id=128001).eos_token_ids == (128001, 128008, 128009)  # Llama 3's three
 
 
-@pytest.mark.parametrize("bad", [
-    lambda: SamplingParams(temperature=-0.1),
-    lambda: SamplingParams(max_tokens=0),
-    lambda: SamplingParams(top_p=0),
-    lambda: SamplingParams(top_p=1.5),
-    lambda: SamplingParams(top_k=0),
+@pytest.mark.parametrize("field, value", [
+    ("temperature", -0.1), ("temperature", float("nan")), ("temperature", "0.5"), ("temperature", None),
+    ("max_tokens", 0), ("max_tokens", 2.5),  # 2.5 would never equal a length: the request would run to max_model_len
+    ("top_p", 0), ("top_p", 1.5), ("top_p", float("nan")),
+    ("top_k", 0), ("top_k", -2), ("top_k", 2.5), ("top_k", 20.0),  # torch.topk takes ints only: mid-step, it failed
+    ("seed", "7"), ("seed", 1.5), ("ignore_eos", "false"),
 ])
-def test_invalid_sampling_params(bad):
-    with pytest.raises(ValueError):
-        bad()
+def test_invalid_sampling_params(field, value):  # named before any work, whatever the value's type
+    with pytest.raises(ValueError, match=f"^{field} must be"):
+        SamplingParams(**{field: value})
+
+
+def test_sampling_params_take_numpy_numbers():  # e.g. read from a dataframe
+    import numpy as np
+    params = SamplingParams(temperature=np.float32(0.5), top_p=np.float64(0.9), top_k=np.int64(20),
+                            max_tokens=np.int32(8), seed=np.int64(3))
+    assert params.top_k == 20 and params.max_tokens == 8
 
 
 def test_bad_requests_change_nothing(checkpoints, hf_models):
@@ -1051,7 +1063,7 @@ def test_parallel_config_errors(checkpoints, tmp_path):
     (tmp_path / "odd" / "config.json").write_text(json.dumps(cfg | dict(intermediate_size=129)))
     with pytest.raises(ValueError, match="must divide intermediate_size 129"):  # checked before any weight is read
         LLM(str(tmp_path / "odd"), device="cpu", tensor_parallel_size=2)
-    with pytest.raises(ValueError, match="GPUs present"):
+    with pytest.raises(ValueError, match="device cuda .*GPUs present"):  # on a CPU-only machine: tp 1, no GPU
         LLM(checkpoints["gqa2-untied"], device="cuda", tensor_parallel_size=torch.cuda.device_count() + 1)
     with pytest.raises(ValueError, match="dist_timeout_s must be > 0"):
         LLM(checkpoints["gqa2-untied"], device="cpu", tensor_parallel_size=2, dist_timeout_s=0)
@@ -1121,6 +1133,8 @@ def write_job(path, n):
     lines.insert(5, json.dumps({"prompt": "no id"}))
     lines.insert(7, json.dumps({"id": "bad", "prompt": "x", "top_p": 2}))
     lines += [json.dumps({"id": "q1", "prompt": "a duplicate id"}), json.dumps({"id": "empty", "prompt": ""})]
+    lines += [json.dumps({"id": f"typed{i}", "prompt": "x", **field}) for i, field in  # a wrong type: the line only
+              enumerate([{"seed": "7"}, {"top_k": 20.0}, {"max_tokens": 2.5}])]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -1139,9 +1153,10 @@ def test_job_killed_and_rerun_loses_nothing(checkpoints, tmp_path):
             "--input", str(tmp_path / "in.jsonl")]
     clean = run_cli(*args, "--output", str(tmp_path / "clean.jsonl"))
     assert clean.returncode == 0, clean.stderr[-2000:]
-    for lineno in (3, 6, 8, 16, 17):  # the malformed lines are reported with their numbers and skipped
+    for lineno in (3, 6, 8, 16, 17, 18, 19, 20):  # the malformed lines are reported with their numbers and skipped
         assert f"in.jsonl:{lineno}: skipped" in clean.stderr
     assert "duplicate id 'q1'" in clean.stderr and "empty prompt" in clean.stderr
+    assert all(f"{name} must be" in clean.stderr for name in ("seed", "top_k", "max_tokens"))
     expected = {json.dumps(r["id"]): r for r in read_results(tmp_path / "clean.jsonl")}
     assert len(expected) == 12
     out = tmp_path / "out.jsonl"
