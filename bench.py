@@ -323,14 +323,16 @@ def main():
     if args.moe_kernels:
         return bench_moe_kernels(device, args.json_out)
     model_dir = args.model or default_model_dir(args.shape, args.num_layers)
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
 
-    # Workload (same random stream as nano-vllm's bench.py).
+    # Workload (same random stream as nano-vllm's bench.py). Token ids are 0-10,000, folded into a smaller vocabulary
+    # (a tiny test checkpoint's): every real model's ids are as drawn.
     seed(0)
     if args.single_stream:
-        prompts, max_tokens, temperature = [[randint(0, 10000) for _ in range(16)]], [1024], 0.0
+        prompts, max_tokens, temperature = [[randint(0, 10000) % cfg["vocab_size"] for _ in range(16)]], [1024], 0.0
     else:
         min_in, min_out = min(100, args.max_input_len), min(100, args.max_output_len)
-        prompts = [[randint(0, 10000) for _ in range(randint(min_in, args.max_input_len))]
+        prompts = [[randint(0, 10000) % cfg["vocab_size"] for _ in range(randint(min_in, args.max_input_len))]
                    for _ in range(args.num_seqs)]
         max_tokens = [randint(min_out, args.max_output_len) for _ in range(args.num_seqs)]
         temperature = 0.6
@@ -348,7 +350,6 @@ def main():
     run = run_nanollm if args.engine == "nanollm" else run_hf
     seconds, tokens, extra = run(args, model_dir, prompts, max_tokens, temperature, device)
 
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
     floor = physical_floor(cfg, *count_params(model_dir), [len(p) for p in prompts], max_tokens, copy_bw, matmul_flops)
     floor_s = floor["decode_floor_s"] + floor["prefill_floor_s"]  # single stream: ~all decode (weights read)
     result = dict(engine=args.engine, device=device, mode="single-stream" if args.single_stream else "batch",
