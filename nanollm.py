@@ -1094,7 +1094,8 @@ def filter_top_k_top_p(best, temperature, top_k, top_p):  # best: (B, C) each ro
     # (B, C) only: were the logits' width V among them, a C < V would compile apart from the warm-up's C = V
     dropped = torch.arange(best.shape[1], device=best.device) >= top_k.unsqueeze(1)
     probs = (best.float() / temperature.clamp(min=1e-6).unsqueeze(1)).masked_fill(dropped, float("-inf")).softmax(-1)
-    dropped |= probs.cumsum(-1) - probs >= top_p.unsqueeze(1)  # the mass of the better tokens reached top_p
+    # the mass of the better tokens reached top_p; the best token always stays (a top_p of 1e-50 is 0 in fp32)
+    dropped |= probs.cumsum(-1) - probs >= top_p.clamp(min=1e-30).unsqueeze(1)
     return best.masked_fill(dropped, float("-inf"))
 
 

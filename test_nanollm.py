@@ -262,6 +262,8 @@ def test_top_k_1_equals_greedy_and_seeds_repeat(checkpoints):
     greedy = llm.generate(prompts, GREEDY, use_tqdm=False)
     top1 = llm.generate(prompts, SamplingParams(temperature=1.5, top_k=1, max_tokens=12, ignore_eos=True), use_tqdm=False)
     assert top1 == greedy
+    tiny_top_p = SamplingParams(temperature=1.5, top_p=1e-50, max_tokens=12, ignore_eos=True)  # 0 in fp32
+    assert llm.generate(prompts, tiny_top_p, use_tqdm=False) == greedy
     # a top_k past the vocabulary (past int32 too) keeps every token
     assert llm.generate(prompts, SamplingParams(temperature=0, top_k=2**40, max_tokens=12, ignore_eos=True),
                         use_tqdm=False) == greedy
