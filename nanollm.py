@@ -1326,7 +1326,8 @@ class ModelRunner:
         # static buffers: a replay reads its inputs from these; the tables are copied apart, at their width in use
         self.graph_tables = torch.zeros(max_bs, width, dtype=torch.int32, device=self.device)
         self.graph_inputs = self.graph_tables.new_zeros((max_bs + 4) * (len(STEP_INPUTS) + width))
-        self.graph_logits = self.model.lm_head.weight.new_empty(max_bs, self.model.lm_head.rows)  # the head's output
+        if self.tp.size == 1:  # the head's output; with tensor parallelism the graphs hold no head
+            self.graph_logits = self.model.lm_head.weight.new_empty(max_bs, self.model.lm_head.rows)
         pool = torch.cuda.graph_pool_handle()  # one memory pool: captured largest first, smaller graphs reuse it
         for bs in reversed([b for b in [1, 2, 4, 8, *range(16, max_bs, 16)] if b < max_bs] + [max_bs]):
             inputs = self.upload({name: [] for name in STEP_INPUTS}, graph_bs=bs)
@@ -1338,7 +1339,7 @@ class ModelRunner:
                 # the head too, but with tensor parallelism: its gather to rank 0 is not proven inside a graph. Its
                 # logits go to a buffer that outlives the replay: a step with top-k/top-p filters samples them again
                 logits = self.model.lm_head(hidden, out=self.graph_logits[:bs]) if self.tp.size == 1 else None
-                ids = self.head(hidden, inputs, None, logits) if self.tp.size == 1 else None
+                ids = self.head(hidden, inputs, None, logits) if logits is not None else None
             self.graphs[bs] = (graph, hidden, logits, ids)
             torch.cuda.synchronize()
 
