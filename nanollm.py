@@ -767,7 +767,7 @@ def prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tab
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["block_tables_stride"])  # eager steps (no graph) change the table width
 def _decode_attention_kernel(
         qkv_ptr, q_norm_ptr, k_norm_ptr, cos_sin_ptr, eps, k_cache_ptr, v_cache_ptr, out_ptr, part_m_ptr, part_l_ptr,
         part_acc_ptr, counters_ptr, context_lens_ptr, block_tables_ptr, qk_scale, block_tables_stride,
