@@ -1389,11 +1389,10 @@ def init_parallel(config, rank, store=None, world_size=None, local_rank=None):
         torch.cuda.set_device(rank if local_rank is None else local_rank)
     dist.init_process_group("nccl" if config.device == "cuda" else "gloo", store=store, world_size=world_size,
                             rank=rank, timeout=timedelta(seconds=config.dist_timeout_s))
-    groups = []  # (group, control) of each tensor-parallel group; every rank creates all of them, in the same order
-    for first in range(0, world_size, tp_size):
-        ranks = list(range(first, first + tp_size))
-        group = dist.group.WORLD if tp_size == world_size else dist.new_group(ranks)  # one group: the world
-        groups.append((group, dist.new_group(ranks, backend="gloo", timeout=IDLE_TIMEOUT)))
+    # (group, control) of each tensor-parallel group; every rank creates all of them, in the same order
+    group_ranks = [list(range(first, first + tp_size)) for first in range(0, world_size, tp_size)]
+    groups = [(dist.group.WORLD if tp_size == world_size else dist.new_group(ranks),  # one group: the world
+               dist.new_group(ranks, backend="gloo", timeout=IDLE_TIMEOUT)) for ranks in group_ranks]
     return Parallel(rank % tp_size, tp_size, *groups[rank // tp_size], first=rank - rank % tp_size)
 
 
