@@ -1417,7 +1417,9 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
         # parallel: the caller's tensor-parallel group (torchrun); None: tensor_parallel_size > 1 spawns the other ranks
         self.config = config = Config(model, **kwargs)
         from transformers import AutoTokenizer
-        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        # no clean-up of spaces before punctuation (Llama 3's config asks for it; transformers 4 does it): it would
+        # rewrite text a stream has already sent, and transformers 5 and vLLM leave the text as it is anyway
+        self.tokenizer = AutoTokenizer.from_pretrained(model, clean_up_tokenization_spaces=False)
         if len(self.tokenizer) < 2:  # transformers gives a directory without tokenizer files an empty one
             raise ValueError(f"no tokenizer in {model!r}: nanollm needs the model's own (tokenizer.json or the like)")
         self.runner, self.workers, self.errors = None, [], None
@@ -1488,8 +1490,9 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
     def make_sequence(self, prompt, params):  # validate before any work, so a bad request changes nothing
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
-        if isinstance(prompt, str):
-            token_ids = self.tokenizer.encode(prompt)
+        if isinstance(prompt, str):  # one that starts with BOS (a chat template's, Llama 3's) gets no second one
+            bos = self.tokenizer.bos_token
+            token_ids = self.tokenizer.encode(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
             token_ids = list(prompt)
         else:

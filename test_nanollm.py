@@ -538,6 +538,32 @@ def test_cli_demo_runs_offline(capsys):
     assert "RANDOM weights" in out and "Completion:" in out
 
 
+def test_llama3_style_tokenizer(checkpoints, tmp_path):
+    # Llama 3's tokenizer adds BOS when encoding, its chat template starts with BOS too, and its config asks for
+    # spaces before punctuation to be cleaned up when decoding (transformers 4 does so)
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+    path = shutil.copytree(checkpoints["gqa2-untied"], tmp_path / "llama3-tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    bos = "<|endoftext|>"
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, tokenizer.convert_tokens_to_ids(bos))])
+    tokenizer.bos_token, tokenizer.clean_up_tokenization_spaces = bos, True
+    tokenizer.chat_template = "{{ bos_token }}" + tokenizer.chat_template
+    tokenizer.save_pretrained(path)
+    llm = LLM(str(path), kvcache_block_size=16, num_kvcache_blocks=64)
+    messages = [{"role": "user", "content": "hi"}]
+    chat_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    text = "Hello , world . Streams only append ."
+    for prompt, expected in [(llm.chat_prompt(messages), list(chat_ids["input_ids"])), (text, tokenizer.encode(text))]:
+        seq = llm.requests[llm.add_request(prompt, GREEDY)]
+        assert seq.token_ids == expected and expected.count(tokenizer.bos_token_id) == 1  # one BOS, as HF gives
+    # what stream() relies on: decoding more tokens only appends text
+    assert llm.tokenizer.decode(llm.tokenizer.encode(text), skip_special_tokens=True) == text
+    params = SamplingParams(temperature=1.0, seed=5, max_tokens=40, ignore_eos=True)
+    assert "".join(llm.stream(text, params)) == llm.generate([text], params, use_tqdm=False)[0]["text"]
+
+
 # ---------------------------------------------------------------- Triton kernels against the torch reference
 # On a CPU these run through TRITON_INTERPRET=1 at tiny shapes; on a GPU the same tests run compiled.
 
