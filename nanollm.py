@@ -1453,7 +1453,8 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
         if self.runner is not None and self.runner.tp.size > 1 and not abrupt:
             self.runner.call("exit")
         self.runner, workers, self.workers, self.pending = None, self.workers, [], None
-        self.requests.clear()
+        for request_id in list(self.requests):  # so a later step() has nothing to run
+            self.abort(request_id)
         for w in workers:
             w.join(timeout=0.5 if abrupt else 5)
         # a worker's traceback, or the exit code of one that ended by itself without a word (killed, say)
@@ -1475,7 +1476,7 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
             raise RuntimeError("this LLM has exited")
         try:
             return self.runner.call(method, *args)
-        except Exception as e:
+        except BaseException as e:  # Ctrl-C too: mid-step the other ranks may be left inside a collective
             if not self.workers:
                 raise
             self.exit(e)

@@ -532,6 +532,18 @@ def test_abort_and_interrupt_while_a_token_is_in_flight(checkpoints, hf_models):
     assert_all_blocks_free(llm)
 
 
+def test_exit_ends_every_request(checkpoints):
+    llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
+    seqs = [llm.requests[llm.add_request(p, GREEDY)] for p in random_prompts([5, 40], seed=3)]
+    llm.step()  # running, a token of each in flight
+    llm.exit()
+    assert llm.step() == [] and llm.is_finished()  # nothing left to run (before: an AttributeError)
+    assert all(seq.finish_reason == "abort" for seq in seqs) and not llm.requests
+    assert_all_blocks_free(llm)
+    with pytest.raises(RuntimeError, match="exited"):
+        llm.add_request([1, 2], GREEDY)
+
+
 def test_cli_demo_runs_offline(capsys):
     nanollm.main(["--max-tokens", "5", "--temperature", "0", "--prompt", "hi", "--chat"])
     out = capsys.readouterr().out
@@ -1020,6 +1032,23 @@ def test_a_killed_worker_is_reported(checkpoints):
     with pytest.raises(RuntimeError, match="rank 1 ended with exit code -9"):
         llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)
     assert not multiprocessing.active_children() and not torch.distributed.is_initialized()
+
+
+def test_ctrl_c_mid_step_ends_the_tensor_parallel_engine(checkpoints):
+    # a KeyboardInterrupt on rank 0 while rank 1 is inside the step's collectives: the engine ends at once (before,
+    # rank 1 stayed in its all-reduce and the next call waited dist_timeout_s for it)
+    llm = LLM(checkpoints["gqa2-untied"], device="cpu", tensor_parallel_size=2, kvcache_block_size=16,
+              num_kvcache_blocks=64, dist_timeout_s=60)
+    workers = list(llm.workers)
+
+    def interrupted(step):
+        raise KeyboardInterrupt
+    llm.runner.run = interrupted  # rank 0 only: rank 1 has received the step and runs it
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)
+    assert not any(w.is_alive() for w in workers) and not torch.distributed.is_initialized()
+    with pytest.raises(RuntimeError, match="exited"):
+        llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)
 
 
 def all_reduce_in_a_new_group(runner):  # for collective_rpc
