@@ -1675,7 +1675,7 @@ def run_job(llm, input_path, output_path, defaults, shard=(0, 1), use_tqdm=True)
             with suppress(ValueError, KeyError, TypeError):  # a line cut short by a crash: its request runs again
                 done.add(json.dumps(json.loads(line)["id"]))
     jobs = {}  # the line's id (as JSON) -> its sequence
-    with open(input_path) as f:
+    with open(input_path, "rb") as f:  # bytes: a line that is not UTF-8 is reported below like any other
         for lineno, line in enumerate(f, 1):
             if not line.strip() or (lineno - 1) % shard[1] != shard[0]:
                 continue

@@ -1234,6 +1234,19 @@ def test_job_killed_and_rerun_loses_nothing(checkpoints, tmp_path):
     assert all(r == expected[json.dumps(r["id"])] for r in results)  # equal to the uninterrupted run
 
 
+def test_job_line_that_is_not_utf8_is_skipped(checkpoints, tmp_path, capsys):
+    llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
+    lines = [json.dumps({"id": 1, "prompt": "first"}).encode(), '{"id": 2, "prompt": "caf\xe9"}'.encode("latin-1"),
+             json.dumps({"id": 3, "prompt": "third"}).encode()]
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    nanollm.run_job(llm, tmp_path / "in.jsonl", tmp_path / "out.jsonl", GREEDY, use_tqdm=False)
+    assert "in.jsonl:2: skipped" in capsys.readouterr().err
+    results = read_results(tmp_path / "out.jsonl")
+    expected = llm.generate(["first", "third"], GREEDY, use_tqdm=False)
+    assert sorted(r["id"] for r in results) == [1, 3]
+    assert [r["token_ids"] for r in sorted(results, key=lambda r: r["id"])] == [e["token_ids"] for e in expected]
+
+
 def test_ctrl_c_ends_every_process(checkpoints):
     # what a terminal's Ctrl-C does: SIGINT to the whole process group, mid-generation with a spawned rank
     import signal
