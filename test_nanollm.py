@@ -1091,6 +1091,22 @@ def test_a_rank_that_fails_to_start_is_reported(checkpoints, monkeypatch, worker
         assert llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0]["token_ids"]
 
 
+def test_script_without_main_guard_fails_at_once(checkpoints, tmp_path):
+    # A user's script that builds a tensor-parallel LLM at its top level: spawn imports the script again in rank 1,
+    # which tries to start an engine of its own. Python refuses (its message names the missing guard) and rank 0 must
+    # report the rank's end at once, not wait dist_timeout_s for it (300 s here, past the subprocess's timeout)
+    import subprocess
+    import sys
+    script = tmp_path / "no_guard.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(Path(nanollm.__file__).parent)!r})\nimport nanollm\n"
+                      f"nanollm.LLM({checkpoints['gqa2-untied']!r}, device='cpu', tensor_parallel_size=2, "
+                      f"kvcache_block_size=16, num_kvcache_blocks=64, dist_timeout_s=300)\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=200)
+    assert run.returncode == 1
+    assert "if __name__ == '__main__':" in run.stderr  # from rank 1: Python's advice
+    assert "RuntimeError: tensor-parallel rank 1 ended with exit code 1" in run.stderr  # from rank 0
+
+
 @two_gpus
 def test_two_gpu_tensor_parallel_equals_one_gpu(realistic):
     # NCCL connects at the first collective, after start-up: the case the CPU tests (gloo) cannot show
