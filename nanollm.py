@@ -162,7 +162,7 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):  # types too: a job's JSON may hold "7" or 2.5, which must fail here, not mid-step
-        for name, ok, rule in [("temperature", lambda t: isinstance(t, Real) and t >= 0, "a number >= 0"),
+        for name, ok, rule in [("temperature", lambda t: isinstance(t, Real) and 0 <= t <= 1e38, "a number, 0 to 1e38"),
                                ("top_p", lambda p: isinstance(p, Real) and 0 < p <= 1, "a number in (0, 1]"),
                                ("top_k", lambda k: isinstance(k, Integral) and (k > 0 or k == -1), "-1 or an int > 0"),
                                ("max_tokens", lambda n: isinstance(n, Integral) and n >= 1, "an int >= 1"),
@@ -1094,8 +1094,9 @@ def filter_top_k_top_p(best, temperature, top_k, top_p):  # best: (B, C) each ro
     # (B, C) only: were the logits' width V among them, a C < V would compile apart from the warm-up's C = V
     dropped = torch.arange(best.shape[1], device=best.device) >= top_k.unsqueeze(1)
     probs = (best.float() / temperature.clamp(min=1e-6).unsqueeze(1)).masked_fill(dropped, float("-inf")).softmax(-1)
-    # the mass of the better tokens reached top_p; the best token always stays (a top_p of 1e-50 is 0 in fp32)
-    dropped |= probs.cumsum(-1) - probs >= top_p.clamp(min=1e-30).unsqueeze(1)
+    # the mass of the better tokens reached top_p; the best token always stays (a top_p of 1e-50 is 0 in fp32). A
+    # top_p of 1 drops nothing: the fp32 sum of a long tail reaches 1 early (a row's draw must not depend on the batch)
+    dropped |= probs.cumsum(-1) - probs >= top_p.clamp(min=1e-30).masked_fill(top_p >= 1, 2).unsqueeze(1)
     return best.masked_fill(dropped, float("-inf"))
 
 
@@ -1577,7 +1578,7 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
     def generate(self, prompts, sampling_params=None, use_tqdm=True):
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             raise TypeError("prompts is a list of strings or a list of token-id lists")
-        params = sampling_params or SamplingParams()
+        params = SamplingParams() if sampling_params is None else sampling_params  # an empty list is not None
         params = params if isinstance(params, (list, tuple)) else [params] * len(prompts)  # one for all, or one each
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")

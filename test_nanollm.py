@@ -308,6 +308,20 @@ def test_sampler_matches_reference_distribution(top_k, top_p, candidates, device
     assert (freq - ref).abs().max() < 0.02
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])  # torch; torch.compile
+def test_a_row_without_filters_keeps_every_token(device):
+    # A batch with one filtering row sends every row through the filter: a row with top_k = vocab and top_p = 1 must
+    # keep all its tokens, or its seeded draw would depend on the batch. Over 151,936 random logits the fp32 running
+    # sum reaches 1 well before the tail: the top-p cut dropped ~16,000 tokens at top_p = 1
+    torch.manual_seed(0)
+    vocab = 151936
+    best = (torch.randn(2, vocab) * 3).sort(descending=True).values.to(device)
+    rows = lambda *values: torch.tensor(values, device=device)
+    kept = nanollm.filter_top_k_top_p(best, rows(1.0, 1.0), rows(vocab, vocab), rows(1.0, 0.9))
+    assert kept[0].isfinite().all()  # top_p 1: nothing dropped
+    assert 0 < kept[1].isfinite().sum() < vocab  # top_p 0.9: the tail dropped
+
+
 def test_sample_kernel():
     # Triton's race against the same distribution (few draws on a CPU: the interpreter runs a program per row),
     # greedy rows equal argmax, masked entries never win, and a seed repeats its draw
@@ -401,6 +415,7 @@ def test_config_spellings_and_unsupported_variants(tmp_path, checkpoints):
 
 @pytest.mark.parametrize("field, value", [
     ("temperature", -0.1), ("temperature", float("nan")), ("temperature", "0.5"), ("temperature", None),
+    ("temperature", 1e39), ("temperature", float("inf")),  # inf in fp32: with filters, -inf / inf made NaN logits
     ("max_tokens", 0), ("max_tokens", 2.5),  # 2.5 would never equal a length: the request would run to max_model_len
     ("top_p", 0), ("top_p", 1.5), ("top_p", float("nan")),
     ("top_k", 0), ("top_k", -2), ("top_k", 2.5), ("top_k", 20.0),  # torch.topk takes ints only: mid-step, it failed
@@ -428,6 +443,7 @@ def test_bad_requests_change_nothing(checkpoints, hf_models):
         ([[1, 2, 512]], GREEDY, "vocabulary"),                            # token id outside the vocab
         ([[-1]], GREEDY, "vocabulary"),
         ([good, good], [GREEDY], "2 prompts but 1"),                      # list lengths differ
+        ([good], [], "1 prompts but 0"),                                  # an empty list is not the default
         ([good, list(range(50))], SamplingParams(max_tokens=20), "could never run"),  # 70 tokens > 4 blocks
     ]
     for prompts, params, message in cases:
