@@ -1256,7 +1256,7 @@ class ModelRunner:
                 step["logits_rows"].append(step["cu_seqlens_q"][-1] - 1)
                 # a request with a seed draws from a stream given by its seed and length, whatever else is in the batch
                 step["seeds"].append(random.getrandbits(31) if seq.params.seed is None
-                                     else (seq.params.seed * 1000003 + len(seq)) % 2**31)
+                                     else (int(seq.params.seed) * 1000003 + len(seq)) % 2**31)  # numpy ints wrap
                 step["temperature"].append(seq.params.temperature)
                 step["top_k"].append(min(seq.params.top_k, vocab) if seq.params.top_k > 0 else vocab)  # fits int32
                 step["top_p"].append(seq.params.top_p)

@@ -426,11 +426,15 @@ def test_invalid_sampling_params(field, value):  # named before any work, whatev
         SamplingParams(**{field: value})
 
 
-def test_sampling_params_take_numpy_numbers():  # e.g. read from a dataframe
+def test_sampling_params_take_numpy_numbers(checkpoints):  # e.g. read from a dataframe
     import numpy as np
     params = SamplingParams(temperature=np.float32(0.5), top_p=np.float64(0.9), top_k=np.int64(20),
-                            max_tokens=np.int32(8), seed=np.int64(3))
+                            max_tokens=np.int32(8), seed=np.int32(3))
     assert params.top_k == 20 and params.max_tokens == 8
+    # they run as Python's numbers do (an int32 seed overflowed in the seed's arithmetic, at every step)
+    llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
+    python = SamplingParams(temperature=0.5, top_p=0.9, top_k=20, max_tokens=8, seed=3)
+    assert llm.generate([[1, 2, 3]], params, use_tqdm=False) == llm.generate([[1, 2, 3]], python, use_tqdm=False)
 
 
 def test_bad_requests_change_nothing(checkpoints, hf_models):
