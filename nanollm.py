@@ -1001,11 +1001,13 @@ class Scheduler:
         # a prefill step: first the running sequences still prefilling (chunked prompts), oldest first...
         batch, budget = self.schedule_running([s for s in self.running if len(s) - s.num_computed_tokens > 1],
                                               self.config.max_num_batched_tokens)
-        # ...then new (or preempted) sequences in arrival order, while their first chunk fits
+        # ...then new (or preempted) sequences in arrival order, while the free blocks hold all their uncached tokens
+        # (admitted on its first chunk alone, a long prompt beside a growing sequence could be preempted and restarted
+        # from its first token again and again: without prefix caching nothing of the work it lost comes back)
         while self.waiting and budget and len(self.running) < self.config.max_num_seqs:  # caps the batch too
             seq = self.waiting[0]
             num_tokens = min(len(seq) - self.block_manager.claim_cached_prefix(seq), budget)
-            if self.block_manager.blocks_needed(seq, num_tokens) > len(self.block_manager.free):
+            if self.block_manager.blocks_needed(seq, len(seq) - seq.num_computed_tokens) > len(self.block_manager.free):
                 self.block_manager.release(seq)  # give the claimed prefix back; try again next step
                 break
             self.running.append(self.waiting.popleft())

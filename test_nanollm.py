@@ -178,6 +178,29 @@ def test_preemption_loses_nothing(checkpoints, hf_models, name, prefix_caching):
     assert_all_blocks_free(llm)
 
 
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_a_preempted_prompt_is_not_restarted_again_and_again(checkpoints, hf_models, prefix_caching):
+    # 6 blocks of 16: A (16 + 64 tokens, 5 blocks at full length) decodes while B's 64-token prompt (4 blocks) waits.
+    # Admitted as soon as its first chunk fitted, B took the free blocks, A's next block preempted it, and without
+    # prefix caching B's prefill started over from its first token once for each of A's tokens: 2,670 prefill tokens
+    # for the 80 of the two prompts, 63 preemptions
+    a, b = random_prompts([16, 64], seed=21)
+    llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=6, max_num_batched_tokens=16,
+              enable_prefix_caching=prefix_caching)
+    long_run = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    ids = [llm.add_request(a, long_run)]
+    seqs = [llm.requests[ids[0]]]
+    llm.step()  # A admitted first
+    ids.append(llm.add_request(b, GREEDY))
+    seqs.append(llm.requests[ids[1]])
+    while not llm.is_finished():
+        llm.step()
+    assert llm.stats["preemptions"] <= 1 and llm.stats["prefill_tokens"] <= 2 * (16 + 64)
+    assert seqs[0].completion_token_ids == hf_greedy(hf_models["gqa2-untied"], a, 64)
+    assert seqs[1].completion_token_ids == hf_greedy(hf_models["gqa2-untied"], b, GREEDY.max_tokens)
+    assert_all_blocks_free(llm)
+
+
 def test_max_num_seqs_and_stops(checkpoints, hf_models):
     prompts = random_prompts([5, 9, 13], seed=7)
     ref = [hf_greedy(hf_models["gqa2-untied"], p, 12) for p in prompts]
