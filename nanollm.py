@@ -1511,7 +1511,8 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
         if len(token_ids) >= self.config.max_model_len:
             raise ValueError(f"prompt of {len(token_ids)} tokens does not fit "
                              f"max_model_len={self.config.max_model_len} with room for one new token")
-        need = cdiv(min(len(token_ids) + params.max_tokens, self.config.max_model_len), self.config.kvcache_block_size)
+        # the last token is never cached: nothing is computed from it
+        need = cdiv(min(len(token_ids) + params.max_tokens, self.config.max_model_len) - 1, self.runner.block_size)
         if need > self.num_kvcache_blocks:
             raise ValueError(f"request needs {need} KV-cache blocks at full length but the cache has only "
                              f"{self.num_kvcache_blocks}: it could never run; shorten it or lower max_tokens")

@@ -478,6 +478,10 @@ def test_bad_requests_change_nothing(checkpoints, hf_models):
             llm.generate(prompts, params, use_tqdm=False)
         assert llm.is_finished() and len(llm.block_manager.free) == 4
     assert llm.generate([good], GREEDY, use_tqdm=False)[0]["token_ids"] == hf_greedy(hf_models["gqa2-untied"], good, 12)
+    # 60 + 5 tokens fit the 4 blocks' 64 slots: the last token is never cached (it was refused as "could never run")
+    fits = list(range(1, 61))
+    out = llm.generate([fits], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)
+    assert out[0]["token_ids"] == hf_greedy(hf_models["gqa2-untied"], fits, 5) and llm.stats["preemptions"] == 0
 
 
 def test_a_decode_step_grown_to_a_graph_batch(checkpoints):
