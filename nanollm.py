@@ -1006,14 +1006,14 @@ class Scheduler:
         # from its first token again and again: without prefix caching nothing of the work it lost comes back)
         while self.waiting and budget and len(self.running) < self.config.max_num_seqs:  # caps the batch too
             seq = self.waiting[0]
-            num_tokens = min(len(seq) - self.block_manager.claim_cached_prefix(seq), budget)
-            if self.block_manager.blocks_needed(seq, len(seq) - seq.num_computed_tokens) > len(self.block_manager.free):
+            uncached = len(seq) - self.block_manager.claim_cached_prefix(seq)
+            if self.block_manager.blocks_needed(seq, uncached) > len(self.block_manager.free):
                 self.block_manager.release(seq)  # give the claimed prefix back; try again next step
                 break
             self.running.append(self.waiting.popleft())
             seq.running = True
             self.stats["cached_prompt_tokens"] += seq.num_computed_tokens  # all claimed from the prefix cache
-            budget -= self.take(seq, num_tokens, batch)
+            budget -= self.take(seq, min(uncached, budget), batch)
         if batch:
             return batch, True
         # decode: one token each, longest context first. The attention kernel's programs start sequence by sequence,

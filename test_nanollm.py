@@ -188,16 +188,14 @@ def test_a_preempted_prompt_is_not_restarted_again_and_again(checkpoints, hf_mod
     llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=6, max_num_batched_tokens=16,
               enable_prefix_caching=prefix_caching)
     long_run = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
-    ids = [llm.add_request(a, long_run)]
-    seqs = [llm.requests[ids[0]]]
+    first = llm.requests[llm.add_request(a, long_run)]
     llm.step()  # A admitted first
-    ids.append(llm.add_request(b, GREEDY))
-    seqs.append(llm.requests[ids[1]])
+    second = llm.requests[llm.add_request(b, GREEDY)]
     while not llm.is_finished():
         llm.step()
     assert llm.stats["preemptions"] <= 1 and llm.stats["prefill_tokens"] <= 2 * (16 + 64)
-    assert seqs[0].completion_token_ids == hf_greedy(hf_models["gqa2-untied"], a, 64)
-    assert seqs[1].completion_token_ids == hf_greedy(hf_models["gqa2-untied"], b, GREEDY.max_tokens)
+    assert first.completion_token_ids == hf_greedy(hf_models["gqa2-untied"], a, 64)
+    assert second.completion_token_ids == hf_greedy(hf_models["gqa2-untied"], b, GREEDY.max_tokens)
     assert_all_blocks_free(llm)
 
 
