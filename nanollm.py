@@ -60,6 +60,10 @@ def cdiv(a, b):  # ceiling division; triton.cdiv gives the same but costs micros
     return -(-a // b)
 
 
+def is_int(n, at_least):  # numpy's ints count; bools do not (True == 1)
+    return isinstance(n, Integral) and not isinstance(n, bool) and n >= at_least
+
+
 # -----------------------------------------------------------------------------
 # Config: the checkpoint's config.json and the engine's knobs
 
@@ -121,19 +125,20 @@ class Config:
     device: str | None = None           # None: cuda if present, else cpu
     dist_timeout_s: float = 600.0       # tensor parallelism: the longest wait for a rank or a collective
 
-    def __post_init__(self):
-        bs, blocks = self.kvcache_block_size, self.num_kvcache_blocks
-        for name, ok, rule in [("tensor_parallel_size", self.tensor_parallel_size >= 1, ">= 1"),
-                               ("dtype", self.dtype in ("auto", "float32", "float16", "bfloat16"),
-                                "auto, float32, float16 or bfloat16"),
-                               ("max_model_len", self.max_model_len >= 2, ">= 2"),
-                               ("max_num_seqs", self.max_num_seqs >= 1, ">= 1"),
-                               ("max_num_batched_tokens", self.max_num_batched_tokens >= 1, ">= 1"),
-                               ("gpu_memory_utilization", 0 < self.gpu_memory_utilization <= 1, "in (0, 1]"),
-                               ("kvcache_block_size", bs >= 16 and bs & (bs - 1) == 0, "a power of two >= 16"),
-                               ("num_kvcache_blocks", blocks is None or blocks >= 1, ">= 1 or None"),
-                               ("dist_timeout_s", self.dist_timeout_s > 0, "> 0")]:
-            if not ok:
+    def __post_init__(self):  # types too: 1e4 tokens or 20.5 as a length must fail here, not mid-step
+        for name, ok, rule in [
+                ("tensor_parallel_size", lambda n: is_int(n, 1), "an int >= 1"),
+                ("dtype", lambda d: d in ("auto", "float32", "float16", "bfloat16"), "auto/float32/float16/bfloat16"),
+                ("max_model_len", lambda n: is_int(n, 2), "an int >= 2"),
+                ("max_num_seqs", lambda n: is_int(n, 1), "an int >= 1"),
+                ("max_num_batched_tokens", lambda n: is_int(n, 1), "an int >= 1"),
+                ("gpu_memory_utilization", lambda u: isinstance(u, Real) and 0 < u <= 1, "in (0, 1]"),
+                ("kvcache_block_size", lambda b: is_int(b, 16) and not b & (b - 1), "a power of two >= 16"),
+                ("num_kvcache_blocks", lambda n: n is None or is_int(n, 1), "an int >= 1 or None"),
+                # another GPU: CUDA_VISIBLE_DEVICES (memory is measured on the current one)
+                ("device", lambda d: d in (None, "cuda", "cpu"), "None, 'cuda' or 'cpu'"),
+                ("dist_timeout_s", lambda t: isinstance(t, Real) and t > 0, "a number > 0")]:
+            if not ok(getattr(self, name)):
                 raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.hf = hf = load_model_config(self.model)
@@ -162,12 +167,14 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):  # types too: a job's JSON may hold "7" or 2.5, which must fail here, not mid-step
-        for name, ok, rule in [("temperature", lambda t: isinstance(t, Real) and 0 <= t <= 1e38, "a number, 0 to 1e38"),
-                               ("top_p", lambda p: isinstance(p, Real) and 0 < p <= 1, "a number in (0, 1]"),
-                               ("top_k", lambda k: isinstance(k, Integral) and (k > 0 or k == -1), "-1 or an int > 0"),
-                               ("max_tokens", lambda n: isinstance(n, Integral) and n >= 1, "an int >= 1"),
-                               ("seed", lambda s: s is None or isinstance(s, Integral), "an int or None"),
-                               ("ignore_eos", lambda b: isinstance(b, bool), "True or False")]:
+        for name, ok, rule in [
+                ("temperature", lambda t: isinstance(t, Real) and 0 <= t <= 1e38, "a number, 0 to 1e38"),
+                ("top_p", lambda p: isinstance(p, Real) and 0 < p <= 1, "a number in (0, 1]"),
+                ("top_k", lambda k: is_int(k, 1) or k == -1, "-1 or an int > 0"),
+                ("max_tokens", lambda n: is_int(n, 1), "an int >= 1"),
+                ("seed", lambda s: s is None or isinstance(s, Integral), "an int or None"),
+                ("stop_token_ids", lambda ids: all(is_int(t, 0) for t in ids or ()), "token ids or None"),
+                ("ignore_eos", lambda b: isinstance(b, bool), "True or False")]:
             if not ok(getattr(self, name)):
                 raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
         self.stop_token_ids = list(self.stop_token_ids or [])
@@ -385,8 +392,7 @@ class Attention(nn.Module):
         # Qwen3's per-head q/k norms (Qwen2 and Llama have none): their weights go to paged_attention, whose kernels
         # fuse them with RoPE and the cache write
         self.eps = cfg.rms_norm_eps
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.q_norm, self.k_norm = (RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None for _ in range(2))
         self.k_cache = self.v_cache = torch.tensor([])  # bound to this layer's slices of the engine's cache later
 
     def forward(self, positions, x, residual, norm, cos_sin, meta):  # -> (output, x + residual)
@@ -700,9 +706,7 @@ def _load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_ptr, kv_pos, kv_mask, kv
     offs = (slot * NUM_KV_HEADS + kv_head)[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
     k = tl.load(k_cache_ptr + offs, mask=kv_mask[:, None], other=0.0)
     v = tl.load(v_cache_ptr + offs, mask=kv_mask[:, None], other=0.0)
-    if UPCAST:
-        k, v = k.to(tl.float32), v.to(tl.float32)
-    return k, v
+    return (k.to(tl.float32), v.to(tl.float32)) if UPCAST else (k, v)
 
 
 @triton.jit
@@ -1228,7 +1232,6 @@ class ModelRunner:
             step[name] = (step[name] * cfg.max_num_seqs)[:cfg.max_num_seqs]
         self.run(step)
         self.run(self.prepare(seqs[-1:]))
-        torch.cuda.synchronize()
         activations = torch.cuda.max_memory_allocated() - baseline
         self.allocate_kv_cache(0)  # frees the warm-up cache
         torch.cuda.empty_cache()
@@ -1512,7 +1515,7 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
             raise ValueError(f"prompt of {len(token_ids)} tokens does not fit "
                              f"max_model_len={self.config.max_model_len} with room for one new token")
         # the last token is never cached: nothing is computed from it
-        need = cdiv(min(len(token_ids) + params.max_tokens, self.config.max_model_len) - 1, self.runner.block_size)
+        need = cdiv(min(len(token_ids) + int(params.max_tokens), self.config.max_model_len) - 1, self.runner.block_size)
         if need > self.num_kvcache_blocks:
             raise ValueError(f"request needs {need} KV-cache blocks at full length but the cache has only "
                              f"{self.num_kvcache_blocks}: it could never run; shorten it or lower max_tokens")

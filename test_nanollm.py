@@ -440,11 +440,28 @@ def test_config_spellings_and_unsupported_variants(tmp_path, checkpoints):
     ("max_tokens", 0), ("max_tokens", 2.5),  # 2.5 would never equal a length: the request would run to max_model_len
     ("top_p", 0), ("top_p", 1.5), ("top_p", float("nan")),
     ("top_k", 0), ("top_k", -2), ("top_k", 2.5), ("top_k", 20.0),  # torch.topk takes ints only: mid-step, it failed
-    ("seed", "7"), ("seed", 1.5), ("ignore_eos", "false"),
+    ("seed", "7"), ("seed", 1.5), ("ignore_eos", "false"), ("max_tokens", True),
+    ("stop_token_ids", ["</s>"]), ("stop_token_ids", [2.5]), ("stop_token_ids", [-1]),  # "</s>" would never stop one
 ])
 def test_invalid_sampling_params(field, value):  # named before any work, whatever the value's type
     with pytest.raises(ValueError, match=f"^{field} must be"):
         SamplingParams(**{field: value})
+
+
+@pytest.mark.parametrize("field, value", [
+    ("tensor_parallel_size", 0), ("tensor_parallel_size", 2.0), ("dtype", "fp8"),
+    ("max_model_len", 1), ("max_model_len", 20.5),  # 20.5 would never equal a length: sequences ran past it
+    ("max_num_seqs", 0), ("max_num_seqs", True),
+    ("max_num_batched_tokens", 1e4),  # a float budget failed mid-step, in the first prefill
+    ("gpu_memory_utilization", 0), ("gpu_memory_utilization", 1.5), ("gpu_memory_utilization", "0.9"),
+    ("kvcache_block_size", 8), ("kvcache_block_size", 24), ("kvcache_block_size", 16.0),
+    ("num_kvcache_blocks", 0), ("num_kvcache_blocks", 10.0),
+    ("device", "cuda:1"), ("device", "mps"),  # the KV cache was sized from the memory of the current GPU
+    ("dist_timeout_s", 0), ("dist_timeout_s", "600"),
+])
+def test_invalid_engine_config(checkpoints, field, value):  # named before any work, whatever the value's type
+    with pytest.raises(ValueError, match=f"^{field} must be"):
+        LLM(checkpoints["gqa2-untied"], **{field: value})
 
 
 def test_sampling_params_take_numpy_numbers(checkpoints):  # e.g. read from a dataframe
@@ -456,6 +473,9 @@ def test_sampling_params_take_numpy_numbers(checkpoints):  # e.g. read from a da
     llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
     python = SamplingParams(temperature=0.5, top_p=0.9, top_k=20, max_tokens=8, seed=3)
     assert llm.generate([[1, 2, 3]], params, use_tqdm=False) == llm.generate([[1, 2, 3]], python, use_tqdm=False)
+    # an int8 max_tokens plus a 200-token prompt overflowed int8 in the could-never-run check
+    long = SamplingParams(max_tokens=np.int8(100), temperature=0, ignore_eos=True)
+    assert len(llm.generate([list(range(1, 201))], long, use_tqdm=False)[0]["token_ids"]) == 100
 
 
 def test_bad_requests_change_nothing(checkpoints, hf_models):
@@ -1183,7 +1203,7 @@ def test_parallel_config_errors(checkpoints, tmp_path):
         LLM(str(tmp_path / "odd"), device="cpu", tensor_parallel_size=2)
     with pytest.raises(ValueError, match="device cuda .*GPUs present"):  # on a CPU-only machine: tp 1, no GPU
         LLM(checkpoints["gqa2-untied"], device="cuda", tensor_parallel_size=torch.cuda.device_count() + 1)
-    with pytest.raises(ValueError, match="dist_timeout_s must be > 0"):
+    with pytest.raises(ValueError, match="dist_timeout_s must be a number > 0"):
         LLM(checkpoints["gqa2-untied"], device="cpu", tensor_parallel_size=2, dist_timeout_s=0)
 
 
