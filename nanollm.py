@@ -38,7 +38,7 @@ import traceback
 from array import array
 from collections import OrderedDict, deque
 from contextlib import AbstractContextManager, suppress
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import timedelta
 from numbers import Integral, Real
 from pathlib import Path
@@ -1699,7 +1699,8 @@ def run_job(llm, input_path, output_path, defaults, shard=(0, 1), use_tqdm=True)
                 unknown = set(item) - {"id", "prompt", "messages", *JOB_SAMPLING_FIELDS}
                 if unknown:
                     raise ValueError(f"unknown fields {sorted(unknown)}")
-                params = SamplingParams(**{k: item.get(k, getattr(defaults, k)) for k in JOB_SAMPLING_FIELDS})
+                # a field that is missing or null (as pandas writes a missing value) takes the command line's value
+                params = replace(defaults, **{k: item[k] for k in JOB_SAMPLING_FIELDS if item.get(k) is not None})
                 jobs[key] = llm.make_sequence(prompt, params)
             except Exception as e:  # report the line and go on with the rest
                 print(f"{input_path}:{lineno}: skipped: {e}", file=sys.stderr)

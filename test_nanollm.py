@@ -1328,6 +1328,20 @@ def test_job_line_that_is_not_utf8_is_skipped(checkpoints, tmp_path, capsys):
     assert [r["token_ids"] for r in sorted(results, key=lambda r: r["id"])] == [e["token_ids"] for e in expected]
 
 
+def test_job_null_fields_take_the_defaults(checkpoints, tmp_path):  # as pandas writes a missing value
+    llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
+    lines = [{"id": 1, "prompt": "first", "temperature": None, "max_tokens": None, "top_k": None, "seed": None},
+             {"id": 2, "prompt": "second", "max_tokens": 3, "top_p": None}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    defaults = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    nanollm.run_job(llm, tmp_path / "in.jsonl", tmp_path / "out.jsonl", defaults, use_tqdm=False)
+    results = sorted(read_results(tmp_path / "out.jsonl"), key=lambda r: r["id"])  # a line was dropped before
+    expected = llm.generate(["first", "second"], [defaults, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)],
+                            use_tqdm=False)
+    assert [r["token_ids"] for r in results] == [e["token_ids"] for e in expected]
+    assert [len(r["token_ids"]) for r in results] == [5, 3]
+
+
 def test_ctrl_c_ends_every_process(checkpoints):
     # what a terminal's Ctrl-C does: SIGINT to the whole process group, mid-generation with a spawned rank
     import signal
