@@ -1048,13 +1048,14 @@ class Scheduler:
         batch.append(seq)
         return num_tokens
 
-    def remove(self, seq):  # out of its queue, if in one; a running sequence gives its blocks back
+    def remove(self, seq):  # out of its queue, if in one, and its blocks back: a running sequence's, or the prefix
+        # a waiting one claimed just before an interrupt (Ctrl-C between the claim and the admission check)
         if seq.running:
             self.running.remove(seq)
             seq.running = False
-            self.block_manager.release(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self.block_manager.release(seq)
 
     def postprocess(self, batch, rows):  # rows: those sampled, in row order; each still running gets a placeholder
         for seq in batch:

@@ -597,6 +597,26 @@ def test_abort_and_interrupt_while_a_token_is_in_flight(checkpoints, hf_models):
     assert_all_blocks_free(llm)
 
 
+def test_interrupt_during_admission_frees_the_claimed_prefix(checkpoints, hf_models):
+    # Ctrl-C after a waiting sequence claimed its cached prefix, before the admission check: generate() aborts it,
+    # and its claimed blocks come back (they stayed held: the cache lost them for good)
+    llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
+    prompt = random_prompts([40], seed=21)[0]
+    expected = llm.generate([prompt], GREEDY, use_tqdm=False)  # its first two blocks are cached now
+    blocks_needed = llm.block_manager.blocks_needed
+
+    def interrupted(seq, num_tokens):
+        assert seq.block_table  # the prefix is claimed
+        raise KeyboardInterrupt
+    llm.block_manager.blocks_needed = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([prompt], GREEDY, use_tqdm=False)
+    llm.block_manager.blocks_needed = blocks_needed
+    assert llm.is_finished() and not llm.requests
+    assert_all_blocks_free(llm)
+    assert llm.generate([prompt], GREEDY, use_tqdm=False) == expected
+
+
 def test_exit_ends_every_request(checkpoints):
     llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
     seqs = [llm.requests[llm.add_request(p, GREEDY)] for p in random_prompts([5, 40], seed=3)]
