@@ -968,9 +968,7 @@ class BlockManager:
             block.ref_count, block.hash, block.parent_hash, block.token_ids = 1, -1, -1, ()
             seq.block_table.append(block.id)
 
-    def publish(self, seq):  # hash the blocks that just became full of computed tokens
-        if not self.enable_prefix_caching:
-            return
+    def publish(self, seq):  # hash the blocks that just became full of computed tokens (looked up only with caching on)
         for i in range(seq.num_hashed_blocks, seq.num_computed_tokens // self.block_size):
             block = self.blocks[seq.block_table[i]]
             block.parent_hash = self.blocks[seq.block_table[i - 1]].hash if i else -1
@@ -1225,8 +1223,7 @@ class ModelRunner:
         for seq in seqs:  # what the cache holds does not matter here, so all of them share the first blocks
             seq.num_scheduled_tokens, seq.block_table = len(seq), list(range(cdiv(len(seq), bs)))
         self.allocate_kv_cache(len(seqs[0].block_table))
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats()  # allocated bytes, which memory cached by the allocator is not
         baseline = torch.cuda.memory_allocated()
         step = self.prepare(seqs[:-1])
         for name in ("logits_rows", "seeds", "temperature", "top_k", "top_p"):  # the largest sampled batch
@@ -1365,6 +1362,8 @@ IDLE_TIMEOUT = timedelta(days=30)  # commands (an idle chat) and data-parallel r
 
 
 def spawn_workers(config):  # -> ranks 1..N-1's processes, the queue of their tracebacks, rank 0's rendezvous store
+    if dist.is_initialized():  # torch's own error came later, and ending this engine then ended the running one's group
+        raise RuntimeError("a tensor-parallel LLM already runs in this process: exit() it first (one at a time)")
     ctx = torch.multiprocessing.get_context("spawn")
     store = dist.TCPStore("127.0.0.1", 0, config.tensor_parallel_size, is_master=True, wait_for_workers=False,
                           timeout=timedelta(seconds=config.dist_timeout_s))
@@ -1613,7 +1612,8 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
                         bar.update(1)
                         on_finish(seq)
                 prefill, decode = self.stats["prefill_tokens"] - before[0], self.stats["decode_tokens"] - before[1]
-                rates["prefill" if prefill else "decode"] = (prefill or decode) / (time.perf_counter() - t)
+                if prefill or decode:  # the last step may only read the last ids back ("decode 0 tok/s" at the end)
+                    rates["prefill" if prefill else "decode"] = (prefill or decode) / (time.perf_counter() - t)
                 bar.set_postfix_str(", ".join(f"{k} {v:,.0f} tok/s" for k, v in rates.items()), refresh=False)
         finally:
             bar.close()
@@ -1621,10 +1621,12 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
                 self.abort(seq.request_id)
 
     def stream(self, prompt, sampling_params=None):  # yields text pieces; other streams and generate() share the steps
-        seq = self.requests[self.add_request(prompt, sampling_params)]
+        # checked now, queued when first read: a stream dropped unread never starts (its finally would never run)
+        seq = self.make_sequence(prompt, sampling_params or SamplingParams())
 
         def pieces():
             sent = ""
+            self.enqueue(seq)
             try:
                 while True:
                     finished = seq.is_finished  # read once: other streams may step while this one yields
@@ -1705,8 +1707,7 @@ def run_job(llm, input_path, output_path, defaults, shard=(0, 1), use_tqdm=True)
                 jobs[key] = llm.make_sequence(prompt, params)
             except Exception as e:  # report the line and go on with the rest
                 print(f"{input_path}:{lineno}: skipped: {e}", file=sys.stderr)
-    if done:
-        print(f"{output_path}: {len(done)} results already there, {len(jobs)} to go", file=sys.stderr)
+    print(f"{output_path}: {len(done)} results already there, {len(jobs)} to go", file=sys.stderr)
     ids = {seq.request_id: json.loads(key) for key, seq in jobs.items()}  # request id -> the line's id
     with open(output_path, "a+b", buffering=0) as out:  # unbuffered: each write() goes straight to the file
         if out.seek(0, os.SEEK_END) and os.pread(out.fileno(), 1, out.tell() - 1) != b"\n":

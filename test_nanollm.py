@@ -272,7 +272,8 @@ def test_prefix_caching_off_never_hits():
     bm = BlockManager(num_blocks=4, block_size=4, enable_prefix_caching=False)
     a = make_seq(list(range(9)))
     compute(bm, a, 9)
-    assert bm.claim_cached_prefix(make_seq(list(range(9)))) == 0 and not bm.hash_to_block
+    again = make_seq(list(range(9)))
+    assert bm.claim_cached_prefix(again) == 0 and not again.block_table  # blocks are published, never looked up
 
 
 # ---------------------------------------------------------------- sampling
@@ -1098,6 +1099,19 @@ def test_tensor_parallel_equals_single_rank(checkpoints, hf_models, name):
         assert out["token_ids"] == hf_greedy(hf_models[name], prompt, params.max_tokens)
 
 
+def test_a_second_tensor_parallel_engine_is_refused_and_the_first_runs_on(checkpoints, hf_models):
+    prompt = random_prompts([20], seed=5)[0]
+    kwargs = dict(device="cpu", tensor_parallel_size=2, kvcache_block_size=16, num_kvcache_blocks=64)
+    with LLM(checkpoints["gqa2-untied"], **kwargs) as first:
+        with pytest.raises(RuntimeError, match="already runs in this process"):  # a notebook cell run twice
+            LLM(checkpoints["gqa2-untied"], **kwargs)
+        # before: torch's "initialize the default process group twice", and the first engine's group was destroyed
+        assert first.generate([prompt], GREEDY, use_tqdm=False)[0]["token_ids"] == hf_greedy(
+            hf_models["gqa2-untied"], prompt, GREEDY.max_tokens)
+    with LLM(checkpoints["gqa2-untied"], **kwargs) as second:  # one after the other is fine
+        assert second.generate([prompt], GREEDY, use_tqdm=False)[0]["token_ids"]
+
+
 def test_worker_error_ends_every_process(checkpoints):
     llm = LLM(checkpoints["gqa2-untied"], device="cpu", tensor_parallel_size=2, kvcache_block_size=16, num_kvcache_blocks=64)
     workers = list(llm.workers)
@@ -1271,6 +1285,27 @@ def test_streams_equal_generate(checkpoints):
     assert_all_blocks_free(llm)
 
 
+def test_a_stream_dropped_unread_never_runs(checkpoints):
+    llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    streams = [llm.stream(prompt, params) for prompt in ("Hello", "two", "three")]
+    assert next(streams[0])
+    streams = None  # the first ends in its finally; the others never started (before: queued, run by the next step)
+    assert llm.step() == []  # reads the last ids back, runs nothing
+    assert_all_blocks_free(llm)
+    assert llm.stats["prompt_tokens"] == len(llm.tokenizer.encode("Hello"))  # only the first was ever queued
+    with pytest.raises(ValueError, match="empty"):  # a bad one is still refused at once
+        llm.stream("", params)
+    assert "".join(llm.stream("two", params)) == llm.generate(["two"], params, use_tqdm=False)[0]["text"]
+
+
+def test_progress_bar_ends_with_the_last_rates(checkpoints, capsys):
+    llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
+    llm.generate(["Hello"], SamplingParams(max_tokens=10, ignore_eos=True))
+    bar = capsys.readouterr().err
+    assert "decode" in bar and "decode 0 tok/s" not in bar  # the last step only read the last ids back
+
+
 def test_chat_second_turn_hits_prefix_cache(checkpoints, capsys):
     llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
     lines = iter(["Tell me about paged attention and its blocks, please.", "And about prefix caching?", ""])
@@ -1328,7 +1363,7 @@ def test_job_killed_and_rerun_loses_nothing(checkpoints, tmp_path):
     partial = read_results(out)
     assert 2 <= len(partial) < 12  # killed midway
     rerun = run_cli(*args, "--output", str(out))
-    assert rerun.returncode == 0 and "already there" in rerun.stderr
+    assert rerun.returncode == 0 and f"{len(partial)} results already there" in rerun.stderr
     results = read_results(out)
     assert results[:len(partial)] == partial  # nothing written before was rewritten
     assert sorted(json.dumps(r["id"]) for r in results) == sorted(expected)  # exactly one line per id
