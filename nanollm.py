@@ -1025,11 +1025,9 @@ class Scheduler:
     def schedule_running(self, seqs, budget):  # oldest first -> (batch, budget left: 0 once a sequence must wait)
         batch = []
         for seq in seqs:
-            if not seq.running:
-                continue  # preempted just now by an older sequence
+            if not seq.running or budget == 0:
+                continue  # preempted just now by an older sequence, or no tokens left for it this step
             num_tokens = min(len(seq) - seq.num_computed_tokens, budget)
-            if budget == 0:
-                return batch, 0
             while self.block_manager.blocks_needed(seq, num_tokens) > len(self.block_manager.free):
                 newest = self.running[-1]  # preempted: newer sequences make way for older ones, and last of all seq
                 self.remove(newest)
@@ -1733,9 +1731,10 @@ def chat(llm, params, read=input):
             break
         messages.append({"role": "user", "content": user})
         reply = ""
-        for piece in llm.stream(llm.chat_prompt(messages), params):
-            print(piece, end="", flush=True)
-            reply += piece
+        with suppress(KeyboardInterrupt):  # Ctrl-C ends the reply, not the chat (its request is aborted)
+            for piece in llm.stream(llm.chat_prompt(messages), params):
+                print(piece, end="", flush=True)
+                reply += piece
         messages.append({"role": "assistant", "content": reply})
         print(f"\n[{llm.stats['cached_prompt_tokens']} prompt tokens served by the prefix cache so far]")
 

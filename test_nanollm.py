@@ -1317,6 +1317,27 @@ def test_chat_second_turn_hits_prefix_cache(checkpoints, capsys):
     assert "prefix cache" in capsys.readouterr().out
 
 
+def test_ctrl_c_in_a_chat_reply_ends_the_reply_not_the_chat(checkpoints, capsys):
+    llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
+    lines = iter(["Tell me about paged attention.", "And prefix caching?", ""])
+    step, calls = llm.step, []
+
+    def interrupted_once():  # Ctrl-C in the first reply's third step
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step()
+    llm.step = interrupted_once
+    try:
+        nanollm.chat(llm, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), read=lambda _: next(lines))
+    except KeyboardInterrupt:  # a failure of this test, not an interrupt of the whole run
+        pytest.fail("the Ctrl-C ended the chat")
+    assert capsys.readouterr().out.count("served by the prefix cache") == 2  # both turns ended
+    assert len(calls) > 3 + 8  # the second reply ran to its 8 tokens
+    llm.step = step
+    assert_all_blocks_free(llm)
+
+
 def write_job(path, n):
     lines = []
     for i in range(n):
