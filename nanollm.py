@@ -1221,7 +1221,7 @@ class ModelRunner:
         for seq in seqs:  # what the cache holds does not matter here, so all of them share the first blocks
             seq.num_scheduled_tokens, seq.block_table = len(seq), list(range(cdiv(len(seq), bs)))
         self.allocate_kv_cache(len(seqs[0].block_table))
-        torch.cuda.reset_peak_memory_stats()  # allocated bytes, which memory cached by the allocator is not
+        torch.cuda.reset_peak_memory_stats()  # the peak of allocated bytes (memory the allocator caches is not counted)
         baseline = torch.cuda.memory_allocated()
         step = self.prepare(seqs[:-1])
         for name in ("logits_rows", "seeds", "temperature", "top_k", "top_p"):  # the largest sampled batch
