@@ -6,6 +6,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ if not torch.cuda.is_available():  # the Triton kernels run on the CPU through T
 import triton  # noqa: E402
 
 import nanollm  # noqa: E402
-from nanollm import (LLM, BlockManager, SamplingParams, Sequence, build_random_checkpoint,  # noqa: E402
+from nanollm import (LLM, BlockManager, SamplingParams, Sequence, build_random_checkpoint, cdiv,  # noqa: E402
                      decode_attention, paged_attention_reference, prefill_attention, qk_norm_rope_store,
                      qk_norm_rope_store_reference)
 
@@ -274,6 +275,65 @@ def test_prefix_caching_off_never_hits():
     compute(bm, a, 9)
     again = make_seq(list(range(9)))
     assert bm.claim_cached_prefix(again) == 0 and not again.block_table  # blocks are published, never looked up
+
+
+def check_block_invariants(llm):  # exact, between any two steps
+    bm, scheduler = llm.block_manager, llm.scheduler
+    assert len(scheduler.running) <= llm.config.max_num_seqs
+    assert not any(seq.block_table for seq in scheduler.waiting)  # preempted or not admitted: holds nothing
+    holders = Counter(block_id for seq in scheduler.running for block_id in seq.block_table)
+    assert [block.ref_count for block in bm.blocks] == [holders[block.id] for block in bm.blocks]
+    assert set(bm.free) == {block.id for block in bm.blocks if block.ref_count == 0}
+    for seq in scheduler.running:
+        assert len(set(seq.block_table)) == len(seq.block_table) >= cdiv(seq.num_computed_tokens, bm.block_size)
+        parent = -1
+        for i, block_id in enumerate(seq.block_table[:seq.num_hashed_blocks]):  # published: its own tokens, chained
+            block = bm.blocks[block_id]
+            assert block.token_ids == tuple(seq.token_ids[i * bm.block_size:(i + 1) * bm.block_size])
+            assert block.parent_hash == parent
+            parent = block.hash
+    assert all(block.hash == key for key, block in bm.hash_to_block.items())
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_traffic_keeps_every_invariant_and_output(checkpoints, seed):
+    # Requests sharing prefixes arrive at random steps at an engine of random settings (a cache just big enough for
+    # the longest request: preemption; a small token budget: chunked prefill), and some are aborted. Between steps
+    # the block invariants hold exactly; every request that was not aborted equals the same request run alone
+    rng = random.Random(seed)
+    block_size, max_model_len = rng.choice([16, 32]), rng.choice([64, 160, 256, 256])
+    prefixes = random_prompts([rng.randint(0, 80) for _ in range(3)], seed=seed)
+    requests = []  # (prompt, params, arrival step, abort step or None)
+    for _ in range(rng.randint(4, 12)):
+        length = min(rng.randint(1, 200), max_model_len - 1)
+        prompt = (rng.choice(prefixes) + random_prompts([length], seed=rng.random())[0])[:length]
+        greedy = rng.random() < 0.6
+        top_k, top_p = rng.choice([(-1, 1.0), (-1, 1.0), (5, 1.0), (50, 0.9), (-1, 0.8)])
+        params = SamplingParams(temperature=0 if greedy else 0.8, seed=None if greedy else rng.randrange(2**30),
+                                top_k=top_k, top_p=top_p, max_tokens=rng.randint(1, 40), ignore_eos=True)
+        requests.append((prompt, params, rng.choice([0, 0, rng.randint(0, 20)]),
+                         rng.randint(0, 40) if rng.random() < 0.2 else None))
+    need = max(cdiv(min(len(p) + params.max_tokens, max_model_len) - 1, block_size) for p, params, *_ in requests)
+    llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=block_size, max_model_len=max_model_len,
+              num_kvcache_blocks=need + rng.choice([0, 0, 1, 4, need, 200]), max_num_seqs=rng.randint(1, 8),
+              max_num_batched_tokens=rng.choice([32, 48, 100, 256, 1024]), enable_prefix_caching=rng.random() < 0.7)
+    seqs, step = {}, 0  # request index -> its sequence
+    while len(seqs) < len(requests) or not llm.is_finished():
+        for i, (prompt, params, arrival, abort) in enumerate(requests):
+            if arrival == step:
+                seqs[i] = llm.requests[llm.add_request(prompt, params)]
+            if abort == step and i in seqs:
+                llm.abort(seqs[i].request_id)
+        llm.step()
+        check_block_invariants(llm)
+        step += 1
+    assert_all_blocks_free(llm)
+    alone = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64, max_num_seqs=1,
+                max_model_len=max_model_len, enable_prefix_caching=False)
+    for i, seq in seqs.items():
+        if seq.finish_reason != "abort":
+            prompt, params = requests[i][:2]
+            assert seq.completion_token_ids == alone.generate([prompt], params, use_tqdm=False)[0]["token_ids"]
 
 
 # ---------------------------------------------------------------- sampling
