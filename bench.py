@@ -142,7 +142,7 @@ def measure_hardware(device):
     # Copy bandwidth: bytes read + bytes written by one large copy. Matmul rate: one big bf16 GEMM.
     # On CPU (smoke tests only) the sizes are small and the GEMM is fp32: the numbers mean little there.
     nbytes, n, dtype = (2 << 30, 8192, torch.bfloat16) if device == "cuda" else (64 << 20, 1024, torch.float32)
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=device)  # never timed on zeros (METHOD.md)
     dst = torch.empty_like(src)
     copy_bw = 2 * nbytes / median_seconds(lambda: dst.copy_(src), device)
     a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
@@ -157,7 +157,7 @@ def num_experts_of(cfg):  # config.json's: transformers 4 writes num_experts, 5 
     return cfg.get("num_experts") or cfg.get("num_local_experts") or 0
 
 
-def expert_bytes_read(cfg, expert_params, batch):
+def expert_bytes_read(cfg, expert_params, batch, itemsize):
     # MoE: a decode step reads only the experts its tokens were routed to. Approximation: each token picks its top-k
     # of E experts uniformly and independently (random weights route close to that; trained ones less evenly, so they
     # touch fewer experts), so a layer touches E * (1 - (1 - k/E)^batch) distinct experts on average.
@@ -165,31 +165,34 @@ def expert_bytes_read(cfg, expert_params, batch):
     if not experts:
         return 0
     touched = experts * (1 - (1 - cfg["num_experts_per_tok"] / experts) ** batch)
-    return expert_params * 2 * touched / experts
+    return expert_params * itemsize * touched / experts
 
 
-def physical_floor(cfg, params, expert_params, prompt_lens, max_tokens, copy_bw, matmul_flops):
+def physical_floor(cfg, params, expert_params, prompt_lens, output_lens, itemsize, copy_bw, matmul_flops):
+    # output_lens: the tokens each sequence generated; itemsize: bytes per weight and per cached K or V element
     layers, heads, hidden = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["hidden_size"]
     head_dim = cfg.get("head_dim") or hidden // heads
-    kv_bytes_per_token = 2 * layers * cfg["num_key_value_heads"] * head_dim * 2  # K and V, bf16
-    # (a) decode is memory-bound: every step reads the weights once (of a MoE's experts, those its tokens use), plus
-    # each running sequence's KV cache. Simple schedule: all sequences decode together, so step t runs the sequences
-    # with max_tokens > t; sequence i runs max_tokens[i] steps, at step t it reads (prompt_len + t) tokens of KV, so
-    # over its life it reads m*p + m*(m-1)/2 tokens of KV.
-    decode_steps = max(max_tokens)
-    kv_tokens_read = sum(m * p + m * (m - 1) // 2 for p, m in zip(prompt_lens, max_tokens))
-    batch_at_step = [sum(m > t for m in max_tokens) for t in range(decode_steps)]
-    weights_read = sum((params - expert_params) * 2 + expert_bytes_read(cfg, expert_params, b) for b in batch_at_step)
+    kv_bytes_per_token = 2 * layers * cfg["num_key_value_heads"] * head_dim * itemsize  # K and V
+    # (a) decode is memory-bound: every step reads the weights once (of a MoE's experts, those its tokens use; of the
+    # embedding table only a row a token, so an untied one is left out), plus each running sequence's KV cache. A
+    # sequence's first token comes from its prefill and its last is never fed back, so a sequence of m tokens runs
+    # m - 1 decode steps; its j-th reads p + j tokens of KV (j = 1 .. m - 1): (m - 1) * p + m * (m - 1) / 2 in all.
+    # Simple schedule: all sequences decode together, so step t runs the sequences with m - 1 > t.
+    embed = cfg["vocab_size"] * hidden
+    tied = cfg.get("tie_word_embeddings", False)
+    kv_tokens_read = sum((m - 1) * p + m * (m - 1) // 2 for p, m in zip(prompt_lens, output_lens))
+    batch_at_step = [sum(m - 1 > t for m in output_lens) for t in range(max(output_lens) - 1)]
+    dense_bytes = (params - expert_params - (0 if tied else embed)) * itemsize
+    weights_read = sum(dense_bytes + expert_bytes_read(cfg, expert_params, b, itemsize) for b in batch_at_step)
     decode_bytes = weights_read + kv_tokens_read * kv_bytes_per_token
     # (b) prefill is compute-bound: 2 FLOPs per weight per prompt token (the embedding is a lookup, so it is
     # left out, and the LM head runs on the last prompt token only), plus causal attention QK^T and PV.
-    embed = cfg["vocab_size"] * hidden
-    body_params = params - embed * (1 if cfg.get("tie_word_embeddings", False) else 2)
+    body_params = params - embed * (1 if tied else 2)
     if num_experts_of(cfg):  # a prompt token runs top-k of the experts
         body_params -= expert_params * (1 - cfg["num_experts_per_tok"] / num_experts_of(cfg))
     prefill_flops = (2 * body_params * sum(prompt_lens) + 2 * embed * len(prompt_lens)
                      + 2 * 2 * layers * heads * head_dim * sum(p * p for p in prompt_lens) / 2)
-    return dict(decode_bytes=decode_bytes, prefill_flops=prefill_flops, weights_bytes=params * 2,
+    return dict(decode_bytes=decode_bytes, prefill_flops=prefill_flops, weights_bytes=params * itemsize,
                 kv_bytes_per_token=kv_bytes_per_token, decode_floor_s=decode_bytes / copy_bw,
                 prefill_floor_s=prefill_flops / matmul_flops)
 
@@ -245,11 +248,11 @@ def run_nanollm(args, model_dir, prompts, max_tokens, temperature, device):
     sync(device)
     seconds = time.perf_counter() - t0
 
-    extra = dict(generated_tokens=sum(len(o["token_ids"]) for o in outputs),
-                 kv_cache_bytes=llm.runner.kv_cache.nbytes, num_kvcache_blocks=llm.num_kvcache_blocks,
+    extra = dict(kv_cache_bytes=llm.runner.kv_cache.nbytes, num_kvcache_blocks=llm.num_kvcache_blocks,
                  preemptions=llm.stats["preemptions"] - preemptions_before)
+    itemsize = llm.config.torch_dtype.itemsize  # the checkpoint's dtype on a GPU, fp32 on a CPU
     llm.exit()
-    return seconds, sum(max_tokens), extra
+    return seconds, [len(o["token_ids"]) for o in outputs], itemsize, extra
 
 
 def run_hf(args, model_dir, prompts, max_tokens, temperature, device):
@@ -294,8 +297,7 @@ def run_hf(args, model_dir, prompts, max_tokens, temperature, device):
         done = run(manager, {f"seq{i}": (p, m) for i, (p, m) in enumerate(zip(prompts, max_tokens))})
         sync(device)
         seconds = time.perf_counter() - t0
-    generated = sum(len(r.generated_tokens) for r in done.values())
-    return seconds, generated, dict(generated_tokens=generated)
+    return seconds, [len(done[f"seq{i}"].generated_tokens) for i in range(len(prompts))], model.dtype.itemsize, {}
 
 
 def main():
@@ -319,7 +321,15 @@ def main():
     args = parser.parse_args()
     if args.engine == "hf" and (args.top_k, args.top_p) != (-1, 1.0):
         parser.error("--top-k and --top-p are for nanollm only")
+    if args.engine == "hf" and args.tensor_parallel_size > 1:
+        parser.error("--tensor-parallel-size is for nanollm only (HF's continuous batching runs on one device)")
+    if args.model and (args.shape != parser.get_default("shape") or args.num_layers):
+        parser.error("--shape and --num-layers build a random checkpoint: not with --model")
+    if min(args.num_seqs, args.max_input_len, args.max_output_len) < 1:
+        parser.error("--num-seqs, --max-input-len and --max-output-len must be >= 1")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.gpu_memory_gb and device == "cpu":
+        parser.error("--gpu-memory-gb needs a GPU")
     if args.moe_kernels:
         return bench_moe_kernels(device, args.json_out)
     model_dir = args.model or default_model_dir(args.shape, args.num_layers)
@@ -348,9 +358,12 @@ def main():
         torch.cuda.reset_peak_memory_stats()
 
     run = run_nanollm if args.engine == "nanollm" else run_hf
-    seconds, tokens, extra = run(args, model_dir, prompts, max_tokens, temperature, device)
+    seconds, output_lens, itemsize, extra = run(args, model_dir, prompts, max_tokens, temperature, device)
+    tokens = sum(output_lens)  # generated: a sequence may stop short of max_tokens at max_model_len
 
-    floor = physical_floor(cfg, *count_params(model_dir), [len(p) for p in prompts], max_tokens, copy_bw, matmul_flops)
+    # the floor of the work done: the tokens generated, in the dtype the engine ran
+    floor = physical_floor(cfg, *count_params(model_dir), [len(p) for p in prompts], output_lens, itemsize, copy_bw,
+                           matmul_flops)
     floor_s = floor["decode_floor_s"] + floor["prefill_floor_s"]  # single stream: ~all decode (weights read)
     result = dict(engine=args.engine, device=device, mode="single-stream" if args.single_stream else "batch",
                   temperature=temperature, top_k=args.top_k, top_p=args.top_p,
