@@ -221,6 +221,16 @@ def test_eos_stops_unless_ignored(checkpoints, hf_models):
     assert llm.generate([prompt], GREEDY, use_tqdm=False)[0]["token_ids"] == ref
 
 
+def test_a_stop_token_that_is_also_the_last_allowed_is_a_stop(checkpoints, hf_models):
+    prompt = random_prompts([7], seed=8)[0]
+    ref = hf_greedy(hf_models["gqa2-untied"], prompt, 12)
+    n = next(i for i in range(3, 12) if ref[i] not in ref[:i])  # the first time this token comes
+    llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
+    params = SamplingParams(temperature=0, max_tokens=n + 1, ignore_eos=True, stop_token_ids=[ref[n]])
+    out = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert out["token_ids"] == ref[:n + 1] and out["finish_reason"] == "stop"  # a whole answer, not a cut one
+
+
 # ---------------------------------------------------------------- block manager invariants
 
 def make_seq(tokens):
@@ -275,6 +285,15 @@ def test_prefix_caching_off_never_hits():
     compute(bm, a, 9)
     again = make_seq(list(range(9)))
     assert bm.claim_cached_prefix(again) == 0 and not again.block_table  # blocks are published, never looked up
+
+
+def test_eviction_takes_unused_blocks_then_tails_before_prefixes():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    a = make_seq(list(range(9)))  # blocks: two published, then a tail of one token; the fourth never used
+    compute(bm, a, 9)
+    bm.release(a)
+    bm.allocate(make_seq([100] * 8), 8)  # two fresh blocks: the never-used one, then a's tail
+    assert bm.claim_cached_prefix(make_seq(list(range(9)))) == 8  # a's prefix survives
 
 
 def check_block_invariants(llm):  # exact, between any two steps
@@ -404,6 +423,26 @@ def test_a_row_without_filters_keeps_every_token(device):
     assert 0 < kept[1].isfinite().sum() < vocab  # top_p 0.9: the tail dropped
 
 
+def test_seeded_draws_differ_step_to_step_and_unseeded_requests_differ(checkpoints):
+    # temperature 1e30 flattens the logits: each token is the argmax of that step's noise, uniform over the vocabulary
+    llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
+    seeded = SamplingParams(temperature=1e30, seed=1, max_tokens=20, ignore_eos=True)
+    assert len(set(llm.generate([[1, 2, 3]], seeded, use_tqdm=False)[0]["token_ids"])) > 10  # new noise each step
+    unseeded = SamplingParams(temperature=1e30, max_tokens=20, ignore_eos=True)
+    a, b = llm.generate([[1, 2, 3]] * 2, unseeded, use_tqdm=False)
+    assert a["token_ids"] != b["token_ids"]  # each row its own stream
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p, kept", [
+    (0.5, 4, 0.8, [True, False, False, False]),  # tempered: p = .87 .12 .02 .00 (untempered: .64 .24 .09 .03)
+    (1.0, 2, 0.7, [True, False, False, False]),  # renormalised over the top 2: .73 .27 (not .64 .24)
+    (1.0, 4, 0.8, [True, True, False, False])])
+def test_top_p_counts_the_tempered_top_k_renormalised(temperature, top_k, top_p, kept):
+    best = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    out = nanollm.filter_top_k_top_p(best, torch.tensor([temperature]), torch.tensor([top_k]), torch.tensor([top_p]))
+    assert out.isfinite()[0].tolist() == kept
+
+
 def test_sample_kernel():
     # Triton's race against the same distribution (few draws on a CPU: the interpreter runs a program per row),
     # greedy rows equal argmax, masked entries never win, and a seed repeats its draw
@@ -493,6 +532,39 @@ def test_config_spellings_and_unsupported_variants(tmp_path, checkpoints):
             load(**changes)
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [128001, 128008, 128009]}))
     assert load(eos_token_id=128001).eos_token_ids == (128001, 128008, 128009)  # Llama 3's three
+
+
+def copy_with_config(src, dst, **changes):  # a copy of a checkpoint, its config.json changed (None: key removed)
+    shutil.copytree(src, dst)
+    cfg = json.loads((Path(dst) / "config.json").read_text()) | changes
+    (Path(dst) / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+    return str(dst)
+
+
+def test_config_limits_and_fallbacks(checkpoints, tmp_path):
+    # max_model_len is capped by the model's positions (its RoPE table): a request stops there
+    path = copy_with_config(checkpoints["gqa2-untied"], tmp_path / "short", max_position_embeddings=40)
+    llm = LLM(path, kvcache_block_size=16, num_kvcache_blocks=64, max_model_len=4096)
+    assert llm.config.max_model_len == 40
+    out = llm.generate([list(range(1, 31))], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+                       use_tqdm=False)[0]
+    assert len(out["token_ids"]) == 10 and out["finish_reason"] == "length"
+    # "auto" on a CPU is fp32 whatever the checkpoint's dtype
+    path = copy_with_config(checkpoints["gqa2-untied"], tmp_path / "bf16", dtype="bfloat16")
+    assert nanollm.Config(path, device="cpu").torch_dtype == torch.float32
+    assert nanollm.Config(path, device="cpu", dtype="bfloat16").torch_dtype == torch.bfloat16
+    # no eos id in config.json nor a generation_config.json: the tokenizer's eos stops requests
+    path = copy_with_config(checkpoints["gqa2-untied"], tmp_path / "no-eos", eos_token_id=None)
+    (Path(path) / "generation_config.json").unlink()
+    assert nanollm.load_model_config(path).eos_token_ids == ()
+    llm = LLM(path, kvcache_block_size=16, num_kvcache_blocks=16)
+    assert llm.scheduler.eos_token_ids == {llm.tokenizer.eos_token_id}
+    # the edges of what is allowed
+    assert nanollm.Config(checkpoints["gqa2-untied"], gpu_memory_utilization=1.0).gpu_memory_utilization == 1.0
+    path = copy_with_config(checkpoints["moe-top2-sparse-step"], tmp_path / "all-experts", num_experts_per_tok=8)
+    assert nanollm.load_model_config(path).num_experts_per_tok == 8
+    with pytest.raises(ValueError, match="must divide the heads"):  # 8 query heads divide by 4, 2 KV heads do not
+        LLM(checkpoints["gqa4-tied"], device="cpu", tensor_parallel_size=4)
 
 
 @pytest.mark.parametrize("field, value", [
@@ -694,6 +766,18 @@ def test_cli_demo_runs_offline(capsys):
     nanollm.main(["--max-tokens", "5", "--temperature", "0", "--prompt", "hi", "--chat"])
     out = capsys.readouterr().out
     assert "RANDOM weights" in out and "Completion:" in out
+
+
+@pytest.mark.parametrize("flag", ["--input", "--output"])
+def test_cli_input_and_output_go_together(tmp_path, capsys, flag):
+    with pytest.raises(SystemExit):
+        nanollm.main([flag, str(tmp_path / "x.jsonl")])
+    assert "--input and --output go together" in capsys.readouterr().err
+
+
+def test_cli_chat_applies_the_template_to_prompts(capsys):
+    nanollm.main(["--max-tokens", "2", "--temperature", "0", "--prompt", "hi", "--chat"])
+    assert "Prompt: '<|im_start|>user\\nhi<|im_end|>\\n<|im_start|>assistant\\n'" in capsys.readouterr().out
 
 
 def test_llama3_style_tokenizer(checkpoints, tmp_path):
@@ -1105,6 +1189,26 @@ def test_a_missing_weight_is_named(tmp_path, checkpoints, dropped, listed):
         LLM(str(path), device="cpu", kvcache_block_size=16, num_kvcache_blocks=16)
 
 
+def test_the_last_expert_missing_is_named_and_a_saved_tied_head_loads(checkpoints, tmp_path):
+    from safetensors.torch import load_file, save_file
+    path = shutil.copytree(checkpoints["moe-top2-sparse-step"], tmp_path / "partial")
+    for file in path.glob("*.safetensors"):
+        tensors = load_file(file)
+        save_file({k: v for k, v in tensors.items() if k != "model.layers.1.mlp.experts.7.down_proj.weight"}, file,
+                  metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lacks weights .*down_proj.weight', 7"):
+        LLM(str(path), kvcache_block_size=16, num_kvcache_blocks=16)
+    # a tied checkpoint that also saves lm_head.weight (HF leaves it out; some exporters do not): the same model
+    path = shutil.copytree(checkpoints["gqa4-tied"], tmp_path / "tied")
+    (file,) = path.glob("*.safetensors")
+    tensors = load_file(file)
+    save_file(tensors | {"lm_head.weight": tensors["model.embed_tokens.weight"].clone()}, file, metadata={"format": "pt"})
+    prompt = random_prompts([9])[0]
+    ref = LLM(checkpoints["gqa4-tied"], kvcache_block_size=16, num_kvcache_blocks=16).generate([prompt], GREEDY,
+                                                                                            use_tqdm=False)
+    assert LLM(str(path), kvcache_block_size=16, num_kvcache_blocks=16).generate([prompt], GREEDY, use_tqdm=False) == ref
+
+
 def test_moe_config_spellings_and_errors(tmp_path, checkpoints, hf_models):
     # transformers 4's num_experts (the Hub's files) reads as 5's num_local_experts; unsupported fields fail early
     name = "moe-top2-sparse-step"
@@ -1377,6 +1481,18 @@ def test_chat_second_turn_hits_prefix_cache(checkpoints, capsys):
     assert "prefix cache" in capsys.readouterr().out
 
 
+def test_chat_sends_the_earlier_replies(checkpoints):
+    llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    seen, chat_prompt = [], llm.chat_prompt
+    llm.chat_prompt = lambda messages: seen.append([dict(m) for m in messages]) or chat_prompt(messages)
+    lines = iter(["first", "second", ""])
+    nanollm.chat(llm, params, read=lambda _: next(lines))
+    reply = llm.generate([chat_prompt([{"role": "user", "content": "first"}])], params, use_tqdm=False)[0]["text"]
+    assert seen[1] == [{"role": "user", "content": "first"}, {"role": "assistant", "content": reply},
+                       {"role": "user", "content": "second"}]
+
+
 def test_ctrl_c_in_a_chat_reply_ends_the_reply_not_the_chat(checkpoints, capsys):
     llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
     lines = iter(["Tell me about paged attention.", "And prefix caching?", ""])
@@ -1476,6 +1592,17 @@ def test_job_null_fields_take_the_defaults(checkpoints, tmp_path):  # as pandas 
                             use_tqdm=False)
     assert [r["token_ids"] for r in results] == [e["token_ids"] for e in expected]
     assert [len(r["token_ids"]) for r in results] == [5, 3]
+
+
+def test_job_takes_its_shard_and_ends_a_line_cut_short(checkpoints, tmp_path):
+    llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"id": i, "prompt": f"q {i}"}) + "\n" for i in range(5)))
+    nanollm.run_job(llm, tmp_path / "in.jsonl", tmp_path / "shard.jsonl", GREEDY, shard=(1, 2), use_tqdm=False)
+    assert sorted(json.loads(line)["id"] for line in (tmp_path / "shard.jsonl").read_text().splitlines()) == [1, 3]
+    (tmp_path / "out.jsonl").write_text('{"id": 0, "text": "cut sh')  # a crash in mid-write
+    nanollm.run_job(llm, tmp_path / "in.jsonl", tmp_path / "out.jsonl", GREEDY, use_tqdm=False)
+    lines = (tmp_path / "out.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["id"] for line in lines[1:]) == [0, 1, 2, 3, 4]  # the cut line ended, not glued
 
 
 def test_ctrl_c_ends_every_process(checkpoints):
