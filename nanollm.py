@@ -73,8 +73,7 @@ def load_model_config(path):  # config.json as a namespace under HF's names, plu
     c = json.loads(Path(path, "config.json").read_text())
     arch = (c.get("architectures") or ["<none>"])[0]
     if arch not in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM"):
-        raise ValueError(f"unsupported: architecture {arch!r} (nanollm runs Qwen3ForCausalLM, Qwen3MoeForCausalLM, "
-                         f"Qwen2ForCausalLM and LlamaForCausalLM)")
+        raise ValueError(f"unsupported: architecture {arch!r} (nanollm runs Qwen3, Qwen3-MoE, Qwen2 and Llama)")
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}  # transformers 5 moved rope_theta here
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     llama3_keys = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
@@ -145,9 +144,9 @@ class Config:
         self.max_model_len = min(self.max_model_len, hf.max_position_embeddings)
         auto = hf.dtype if self.device != "cpu" else torch.float32
         self.torch_dtype = auto if self.dtype == "auto" else getattr(torch, self.dtype)
-        tp, gpus = self.tensor_parallel_size, torch.cuda.device_count()
-        if self.device == "cuda" and tp > gpus:
-            raise ValueError(f"device cuda with tensor_parallel_size {tp}: {gpus} GPUs present, {tp} needed")
+        tp = self.tensor_parallel_size
+        if self.device == "cuda" and tp > torch.cuda.device_count():
+            raise ValueError(f"device cuda with tensor_parallel_size {tp}: {torch.cuda.device_count()} GPUs present")
         if hf.num_attention_heads % tp or hf.num_key_value_heads % tp:
             raise ValueError(f"tensor_parallel_size {tp} must divide the heads "
                              f"({hf.num_attention_heads} query, {hf.num_key_value_heads} KV)")
@@ -1303,9 +1302,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, step):  # -> the sampled ids (rows,) on the device on the group's first rank; else or no rows: None
-        rows, vocab = len(step["logits_rows"]), self.config.hf.vocab_size
+        rows = len(step["logits_rows"])
         # with top-k/top-p filters: 2 candidates at least (torch.compile would specialise the filter for 1)
-        filtered = any(k < vocab for k in step["top_k"]) or any(p < 1 for p in step["top_p"])
+        filtered = any(k < self.config.hf.vocab_size for k in step["top_k"]) or any(p < 1 for p in step["top_p"])
         candidates = max(2, *step["top_k"]) if filtered else None
         # a decode step replays the smallest graph that fits it
         bs = min((b for b in self.graphs if b >= len(step["input_ids"]) and step["max_seqlen_q"] == 1), default=None)
@@ -1363,8 +1362,8 @@ def spawn_workers(config):  # -> ranks 1..N-1's processes, the queue of their tr
     if dist.is_initialized():  # torch's own error came later, and ending this engine then ended the running one's group
         raise RuntimeError("a tensor-parallel LLM already runs in this process: exit() it first (one at a time)")
     ctx = torch.multiprocessing.get_context("spawn")
-    store = dist.TCPStore("127.0.0.1", 0, config.tensor_parallel_size, is_master=True, wait_for_workers=False,
-                          timeout=timedelta(seconds=config.dist_timeout_s))
+    # no world size: the store waits for no one (join_workers watches the ranks arrive, or end)
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=config.dist_timeout_s))
     errors = ctx.SimpleQueue()
     workers = [ctx.Process(target=worker_main, args=(config, rank, store.port, errors), daemon=True)
                for rank in range(1, config.tensor_parallel_size)]
@@ -1403,8 +1402,7 @@ def init_parallel(config, rank, store=None, world_size=None, local_rank=None):
 def worker_main(config, rank, port, errors):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle; it ends the workers
     try:
-        store = dist.TCPStore("127.0.0.1", port, config.tensor_parallel_size,
-                              timeout=timedelta(seconds=config.dist_timeout_s))
+        store = dist.TCPStore("127.0.0.1", port, timeout=timedelta(seconds=config.dist_timeout_s))
         store.set(f"joined/{rank}", "")
         ModelRunner(config, init_parallel(config, rank, store)).loop()
         dist.destroy_process_group()
@@ -1509,14 +1507,12 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
         bad = [t for t in token_ids if not 0 <= t < self.config.hf.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.hf.vocab_size})")
-        if len(token_ids) >= self.config.max_model_len:
-            raise ValueError(f"prompt of {len(token_ids)} tokens does not fit "
-                             f"max_model_len={self.config.max_model_len} with room for one new token")
+        if len(token_ids) >= self.config.max_model_len:  # it must leave room for one new token
+            raise ValueError(f"prompt too long: {len(token_ids)} tokens >= max_model_len={self.config.max_model_len}")
         # the last token is never cached: nothing is computed from it
         need = cdiv(min(len(token_ids) + int(params.max_tokens), self.config.max_model_len) - 1, self.runner.block_size)
         if need > self.num_kvcache_blocks:
-            raise ValueError(f"request needs {need} KV-cache blocks at full length but the cache has only "
-                             f"{self.num_kvcache_blocks}: it could never run; shorten it or lower max_tokens")
+            raise ValueError(f"could never run: {need} KV-cache blocks needed, the cache has {self.num_kvcache_blocks}")
         return Sequence(next(self.request_ids), token_ids, params)
 
     def add_request(self, prompt, sampling_params=None):
@@ -1595,18 +1591,18 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
                     token_ids=seq.completion_token_ids, finish_reason=seq.finish_reason)
 
     def run(self, seqs, use_tqdm=True, on_finish=lambda seq: None):  # steps until seqs finish, each passed to on_finish
-        # bar: done/total, latest tok/s
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # the bar: done/total, latest tok/s
         bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
-        mine, rates, num_finished = {seq.request_id for seq in seqs}, {}, 0
+        unfinished = {seq.request_id for seq in seqs}
+        rates = {}  # the latest tok/s of each kind of step
         try:
             for seq in seqs:
                 self.enqueue(seq)
-            while num_finished < len(seqs):
+            while unfinished:
                 t, before = time.perf_counter(), (self.stats["prefill_tokens"], self.stats["decode_tokens"])
                 for seq in self.step():
-                    if seq.is_finished and seq.request_id in mine:
-                        num_finished += 1
+                    if seq.is_finished and seq.request_id in unfinished:
+                        unfinished.remove(seq.request_id)
                         bar.update(1)
                         on_finish(seq)
                 prefill, decode = self.stats["prefill_tokens"] - before[0], self.stats["decode_tokens"] - before[1]
@@ -1760,8 +1756,7 @@ def main(argv=None):
     params = SamplingParams(**{k: getattr(args, k) for k in JOB_SAMPLING_FIELDS})
     if args.model is None:
         args.model = build_random_checkpoint(tempfile.mkdtemp(prefix="nanollm-demo-"))
-        print(f"No --model given: built a tiny Qwen3 with RANDOM weights in {args.model}; its text is gibberish, "
-              f"but every part of the engine runs.")
+        print(f"No --model given: built a tiny Qwen3 with RANDOM weights (gibberish, but it all runs) in {args.model}")
     config = Config(args.model, **engine_args)
     parallel, dp_rank, dp_size, world = None, 0, 1, int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:  # torchrun
