@@ -134,6 +134,8 @@ class Config:
                 ("gpu_memory_utilization", lambda u: isinstance(u, Real) and 0 < u <= 1, "in (0, 1]"),
                 ("kvcache_block_size", lambda b: is_int(b, 16) and not b & (b - 1), "a power of two >= 16"),
                 ("num_kvcache_blocks", lambda n: n is None or is_int(n, 1), "an int >= 1 or None"),
+                ("enable_prefix_caching", lambda b: isinstance(b, bool), "True or False"),  # "no" would be true
+                ("enforce_eager", lambda b: isinstance(b, bool), "True or False"),
                 # another GPU: CUDA_VISIBLE_DEVICES (memory is measured on the current one)
                 ("device", lambda d: d in (None, "cuda", "cpu"), "None, 'cuda' or 'cpu'"),
                 ("dist_timeout_s", lambda t: isinstance(t, Real) and t > 0, "a number > 0")]:
@@ -172,7 +174,8 @@ class SamplingParams:
                 ("top_k", lambda k: is_int(k, 1) or k == -1, "-1 or an int > 0"),
                 ("max_tokens", lambda n: is_int(n, 1), "an int >= 1"),
                 ("seed", lambda s: s is None or isinstance(s, Integral), "an int or None"),
-                ("stop_token_ids", lambda ids: all(is_int(t, 0) for t in ids or ()), "token ids or None"),
+                ("stop_token_ids", lambda ids: isinstance(ids, (list, tuple, type(None))) and all(
+                    is_int(t, 0) for t in ids or ()), "a list of token ids or None"),
                 ("ignore_eos", lambda b: isinstance(b, bool), "True or False")]:
             if not ok(getattr(self, name)):
                 raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")

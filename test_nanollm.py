@@ -573,6 +573,7 @@ def test_config_limits_and_fallbacks(checkpoints, tmp_path):
     ("top_k", 0), ("top_k", -2), ("top_k", 2.5), ("top_k", 20.0),  # torch.topk takes ints only: mid-step, it failed
     ("seed", "7"), ("seed", 1.5), ("ignore_eos", "false"), ("max_tokens", True),
     ("stop_token_ids", ["</s>"]), ("stop_token_ids", [2.5]), ("stop_token_ids", [-1]),  # "</s>" would never stop one
+    ("stop_token_ids", 22),  # one id, not in a list: a TypeError that named nothing
 ])
 def test_invalid_sampling_params(field, value):  # named before any work, whatever the value's type
     with pytest.raises(ValueError, match=f"^{field} must be"):
@@ -589,6 +590,7 @@ def test_invalid_sampling_params(field, value):  # named before any work, whatev
     ("num_kvcache_blocks", 0), ("num_kvcache_blocks", 10.0),
     ("device", "cuda:1"), ("device", "mps"),  # the KV cache was sized from the memory of the current GPU
     ("dist_timeout_s", 0), ("dist_timeout_s", "600"),
+    ("enable_prefix_caching", "no"), ("enforce_eager", "false"),  # strings are truthy: "no" turned caching on
 ])
 def test_invalid_engine_config(checkpoints, field, value):  # named before any work, whatever the value's type
     with pytest.raises(ValueError, match=f"^{field} must be"):
