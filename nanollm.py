@@ -1722,20 +1722,23 @@ JOB_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "i
 def chat(llm, params, read=input):
     messages = []  # the conversation: each turn's prompt starts with the earlier turns, which the prefix cache serves
     print("Chat with the model (random weights talk gibberish). An empty line or Ctrl-D ends it.")
-    while True:
-        user = ""  # Ctrl-D and Ctrl-C end it as an empty line does
-        with suppress(EOFError, KeyboardInterrupt):
-            user = read("\n> ")
-        if not user.strip():
-            break
-        messages.append({"role": "user", "content": user})
-        reply = ""
-        with suppress(KeyboardInterrupt):  # Ctrl-C ends the reply, not the chat (its request is aborted)
-            for piece in llm.stream(llm.chat_prompt(messages), params):
-                print(piece, end="", flush=True)
-                reply += piece
-        messages.append({"role": "assistant", "content": reply})
-        print(f"\n[{llm.stats['cached_prompt_tokens']} prompt tokens served by the prefix cache so far]")
+    try:
+        while True:
+            user = ""  # Ctrl-D and Ctrl-C end it as an empty line does
+            with suppress(EOFError, KeyboardInterrupt):
+                user = read("\n> ")
+            if not user.strip():
+                break
+            messages.append({"role": "user", "content": user})
+            reply = ""
+            with suppress(KeyboardInterrupt):  # Ctrl-C ends the reply, not the chat (its request is aborted)
+                for piece in llm.stream(llm.chat_prompt(messages), params):
+                    print(piece, end="", flush=True)
+                    reply += piece
+            messages.append({"role": "assistant", "content": reply})
+            print(f"\n[{llm.stats['cached_prompt_tokens']} prompt tokens served by the prefix cache so far]")
+    except ValueError as e:  # stream() refused the conversation: longer than max_model_len, or than the KV cache
+        print(f"[{e}: start a new chat]")
 
 
 # -----------------------------------------------------------------------------

@@ -1487,6 +1487,17 @@ def test_chat_sends_the_earlier_replies(checkpoints):
                        {"role": "user", "content": "second"}]
 
 
+def test_chat_that_outgrows_max_model_len_ends_with_a_message(checkpoints, capsys):
+    llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64, max_model_len=64)
+    lines = iter(["Tell me about paged attention and its blocks, please.", "And about prefix caching?", "more", ""])
+    nanollm.chat(llm, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), read=lambda _: next(lines))
+    out = capsys.readouterr().out
+    assert "max_model_len=64" in out and "new chat" in out  # the engine's own error, then the chat ended
+    assert next(lines) == "more"  # it ended at the turn that did not fit, without reading another
+    assert_all_blocks_free(llm)
+    assert llm.generate(["hi"], GREEDY, use_tqdm=False)[0]["finish_reason"] == "length"  # and stays usable
+
+
 def test_ctrl_c_in_a_chat_reply_ends_the_reply_not_the_chat(checkpoints, capsys):
     llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
     lines = iter(["Tell me about paged attention.", "And prefix caching?", ""])
