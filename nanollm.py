@@ -1756,8 +1756,8 @@ def main(argv=None):
         how = dict(action=argparse.BooleanOptionalAction) if kind is bool else dict(type=kind)  # bool: --x / --no-x
         p.add_argument("--" + f.name.replace("_", "-"), default=f.default, **how)  # defaults from the dataclasses
     args = p.parse_args(argv)
-    if bool(args.input) != bool(args.output):
-        p.error("--input and --output go together")
+    if bool(args.input) != bool(args.output) or (args.input and args.chat):  # a job's lines chat with "messages"
+        p.error("--input and --output go together, without --chat")
     engine_args = {f.name: getattr(args, f.name) for f in fields(Config)[1:]}  # all but model
     params = SamplingParams(**{k: getattr(args, k) for k in JOB_SAMPLING_FIELDS})
     if args.model is None:

@@ -775,6 +775,12 @@ def test_cli_input_and_output_go_together(tmp_path, capsys, flag):
     assert "--input and --output go together" in capsys.readouterr().err
 
 
+def test_cli_chat_does_not_apply_to_a_job(tmp_path, capsys):  # a job line says it: "messages" or "prompt"
+    with pytest.raises(SystemExit):
+        nanollm.main(["--chat", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")])
+    assert "--chat" in capsys.readouterr().err
+
+
 def test_cli_chat_applies_the_template_to_prompts(capsys):
     nanollm.main(["--max-tokens", "2", "--temperature", "0", "--prompt", "hi", "--chat"])
     assert "Prompt: '<|im_start|>user\\nhi<|im_end|>\\n<|im_start|>assistant\\n'" in capsys.readouterr().out
