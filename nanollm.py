@@ -174,8 +174,8 @@ class SamplingParams:
                 ("top_k", lambda k: is_int(k, 1) or k == -1, "-1 or an int > 0"),
                 ("max_tokens", lambda n: is_int(n, 1), "an int >= 1"),
                 ("seed", lambda s: s is None or isinstance(s, Integral), "an int or None"),
-                ("stop_token_ids", lambda ids: isinstance(ids, (list, tuple, type(None))) and all(
-                    is_int(t, 0) for t in ids or ()), "a list of token ids or None"),
+                ("stop_token_ids", lambda ids: ids is None or (isinstance(ids, (list, tuple)) and all(
+                    is_int(t, 0) for t in ids)), "a list of token ids or None"),
                 ("ignore_eos", lambda b: isinstance(b, bool), "True or False")]:
             if not ok(getattr(self, name)):
                 raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
