@@ -149,11 +149,9 @@ class Config:
         tp = self.tensor_parallel_size
         if self.device == "cuda" and tp > torch.cuda.device_count():
             raise ValueError(f"device cuda with tensor_parallel_size {tp}: {torch.cuda.device_count()} GPUs present")
-        if hf.num_attention_heads % tp or hf.num_key_value_heads % tp:
-            raise ValueError(f"tensor_parallel_size {tp} must divide the heads "
-                             f"({hf.num_attention_heads} query, {hf.num_key_value_heads} KV)")
-        for size in ("intermediate_size", "moe_intermediate_size") if hf.num_experts else ("intermediate_size",):
-            if getattr(hf, size) % tp:  # every rank holds a slice of every MLP (and of every expert)
+        sizes = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+        for size in sizes + ("moe_intermediate_size",) if hf.num_experts else sizes:
+            if getattr(hf, size) % tp:  # every rank holds a slice of the heads and of every MLP (and expert)
                 raise ValueError(f"tensor_parallel_size {tp} must divide {size} {getattr(hf, size)}")
 
 
@@ -393,14 +391,13 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(q_size, cfg.hidden_size, tp, cfg.attention_bias)
         # Qwen3's per-head q/k norms (Qwen2 and Llama have none): their weights go to paged_attention, whose kernels
         # fuse them with RoPE and the cache write
-        self.eps = cfg.rms_norm_eps
         self.q_norm, self.k_norm = (RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None for _ in range(2))
         self.k_cache = self.v_cache = torch.tensor([])  # bound to this layer's slices of the engine's cache later
 
     def forward(self, positions, x, residual, norm, cos_sin, meta):  # -> (output, x + residual)
         qkv, residual = self.qkv_proj(x, norm, residual)  # this rank's heads
-        norms = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
-        out = paged_attention(qkv, *norms, self.eps, positions, cos_sin, self.k_cache, self.v_cache, meta, self.scale)
+        norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.q_norm else (None, None, 0.0)
+        out = paged_attention(qkv, *norms, positions, cos_sin, self.k_cache, self.v_cache, meta, self.scale)
         return self.o_proj(out.flatten(1)), residual
 
 

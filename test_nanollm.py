@@ -1392,9 +1392,9 @@ def test_two_gpu_tensor_parallel_equals_one_gpu(realistic):
 
 
 def test_parallel_config_errors(checkpoints, tmp_path):
-    with pytest.raises(ValueError, match="must divide the heads"):
+    with pytest.raises(ValueError, match="must divide num_attention_heads 4"):
         LLM(checkpoints["gqa2-untied"], device="cpu", tensor_parallel_size=3)
-    with pytest.raises(ValueError, match="must divide the heads"):  # 8 query heads divide by 4, 2 KV heads do not
+    with pytest.raises(ValueError, match="must divide num_key_value_heads 2"):  # 8 query heads divide by 4
         LLM(checkpoints["gqa4-tied"], device="cpu", tensor_parallel_size=4)
     odd = copy_with_config(checkpoints["gqa2-untied"], tmp_path / "odd", intermediate_size=129)
     with pytest.raises(ValueError, match="must divide intermediate_size 129"):  # checked before any weight is read
