@@ -60,7 +60,7 @@ def cdiv(a, b):  # ceiling division; triton.cdiv gives the same but costs micros
     return -(-a // b)
 
 
-def is_int(n, at_least):  # numpy's ints count; bools do not (True == 1)
+def is_int(n, at_least=float("-inf")):  # numpy's ints count; bools do not (True == 1)
     return isinstance(n, Integral) and not isinstance(n, bool) and n >= at_least
 
 
@@ -138,7 +138,7 @@ class Config:
                 ("enforce_eager", lambda b: isinstance(b, bool), "True or False"),
                 # another GPU: CUDA_VISIBLE_DEVICES (memory is measured on the current one)
                 ("device", lambda d: d in (None, "cuda", "cpu"), "None, 'cuda' or 'cpu'"),
-                ("dist_timeout_s", lambda t: isinstance(t, Real) and t > 0, "a number > 0")]:
+                ("dist_timeout_s", lambda t: isinstance(t, Real) and 0 < t <= 1e9, "a number of seconds in (0, 1e9]")]:
             if not ok(getattr(self, name)):
                 raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -169,9 +169,9 @@ class SamplingParams:
         for name, ok, rule in [
                 ("temperature", lambda t: isinstance(t, Real) and 0 <= t <= 1e38, "a number, 0 to 1e38"),
                 ("top_p", lambda p: isinstance(p, Real) and 0 < p <= 1, "a number in (0, 1]"),
-                ("top_k", lambda k: is_int(k, 1) or k == -1, "-1 or an int > 0"),
+                ("top_k", lambda k: is_int(k, -1) and k != 0, "-1 or an int > 0"),
                 ("max_tokens", lambda n: is_int(n, 1), "an int >= 1"),
-                ("seed", lambda s: s is None or isinstance(s, Integral), "an int or None"),
+                ("seed", lambda s: s is None or is_int(s), "an int or None"),
                 ("stop_token_ids", lambda ids: ids is None or (isinstance(ids, (list, tuple)) and all(
                     is_int(t, 0) for t in ids)), "a list of token ids or None"),
                 ("ignore_eos", lambda b: isinstance(b, bool), "True or False")]:
@@ -1496,12 +1496,10 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
         if isinstance(prompt, str):  # one that starts with BOS (a chat template's, Llama 3's) gets no second one
             bos = self.tokenizer.bos_token
             token_ids = self.tokenizer.encode(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-            token_ids = list(prompt)
+        elif isinstance(prompt, (list, tuple)) and all(is_int(t) for t in prompt):  # numpy's ints too, not bools
+            token_ids = [int(t) for t in prompt]
         else:
             raise TypeError("a prompt is a string or a list of token ids")
-        if self.runner is None:
-            raise RuntimeError("this LLM has exited")
         if not token_ids:
             raise ValueError("empty prompt: at least one token is needed")
         bad = [t for t in token_ids if not 0 <= t < self.config.hf.vocab_size]
@@ -1510,7 +1508,8 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
         if len(token_ids) >= self.config.max_model_len:  # it must leave room for one new token
             raise ValueError(f"prompt too long: {len(token_ids)} tokens >= max_model_len={self.config.max_model_len}")
         # the last token is never cached: nothing is computed from it
-        need = cdiv(min(len(token_ids) + int(params.max_tokens), self.config.max_model_len) - 1, self.runner.block_size)
+        longest = min(len(token_ids) + int(params.max_tokens), self.config.max_model_len)
+        need = cdiv(longest - 1, self.config.kvcache_block_size)
         if need > self.num_kvcache_blocks:
             raise ValueError(f"could never run: {need} KV-cache blocks needed, the cache has {self.num_kvcache_blocks}")
         return Sequence(next(self.request_ids), token_ids, params)
@@ -1519,6 +1518,8 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
         return self.enqueue(self.make_sequence(prompt, sampling_params or SamplingParams()))
 
     def enqueue(self, seq):  # -> its request id
+        if self.runner is None:  # a stream read after exit() too
+            raise RuntimeError("this LLM has exited")
         self.requests[seq.request_id] = seq
         self.scheduler.waiting.append(seq)
         self.stats["prompt_tokens"] += seq.num_prompt_tokens
@@ -1576,7 +1577,7 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
 
     # ---- offline generation and streaming: loops over step()
     def generate(self, prompts, sampling_params=None, use_tqdm=True):
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, str) or (prompts and is_int(prompts[0])):
             raise TypeError("prompts is a list of strings or a list of token-id lists")
         params = SamplingParams() if sampling_params is None else sampling_params  # an empty list is not None
         params = params if isinstance(params, (list, tuple)) else [params] * len(prompts)  # one for all, or one each

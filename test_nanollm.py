@@ -571,7 +571,8 @@ def test_config_limits_and_fallbacks(checkpoints, tmp_path):
     ("max_tokens", 0), ("max_tokens", 2.5),  # 2.5 would never equal a length: the request would run to max_model_len
     ("top_p", 0), ("top_p", 1.5), ("top_p", float("nan")),
     ("top_k", 0), ("top_k", -2), ("top_k", 2.5), ("top_k", 20.0),  # torch.topk takes ints only: mid-step, it failed
-    ("seed", "7"), ("seed", 1.5), ("ignore_eos", "false"), ("max_tokens", True),
+    ("top_k", -1.0),  # -1 the int only, as every other top_k
+    ("seed", "7"), ("seed", 1.5), ("seed", True), ("ignore_eos", "false"), ("max_tokens", True),
     ("stop_token_ids", ["</s>"]), ("stop_token_ids", [2.5]), ("stop_token_ids", [-1]),  # "</s>" would never stop one
     ("stop_token_ids", 22),  # one id, not in a list: a TypeError that named nothing
 ])
@@ -590,6 +591,7 @@ def test_invalid_sampling_params(field, value):  # named before any work, whatev
     ("num_kvcache_blocks", 0), ("num_kvcache_blocks", 10.0),
     ("device", "cuda:1"), ("device", "mps"),  # the KV cache was sized from the memory of the current GPU
     ("dist_timeout_s", 0), ("dist_timeout_s", "600"),
+    ("dist_timeout_s", float("inf")), ("dist_timeout_s", 1e15),  # past timedelta's range: spawning ranks failed
     ("enable_prefix_caching", "no"), ("enforce_eager", "false"),  # strings are truthy: "no" turned caching on
 ])
 def test_invalid_engine_config(checkpoints, field, value):  # named before any work, whatever the value's type
@@ -609,6 +611,11 @@ def test_sampling_params_take_numpy_numbers(checkpoints):  # e.g. read from a da
     # an int8 max_tokens plus a 200-token prompt overflowed int8 in the could-never-run check
     long = SamplingParams(max_tokens=np.int8(100), temperature=0, ignore_eos=True)
     assert len(llm.generate([list(range(1, 201))], long, use_tqdm=False)[0]["token_ids"]) == 100
+    # prompts of numpy's ints are token ids too (they were refused as not a list of ids); bools are not (they ran)
+    ids = np.array([5, 6, 7])
+    assert llm.generate([list(ids)], python, use_tqdm=False) == llm.generate([[5, 6, 7]], python, use_tqdm=False)
+    with pytest.raises(TypeError, match="list of token ids"):
+        llm.generate([[True, False]], python, use_tqdm=False)
 
 
 def test_bad_requests_change_nothing(checkpoints, hf_models):
@@ -753,6 +760,7 @@ def test_interrupt_during_admission_frees_the_claimed_prefix(checkpoints, hf_mod
 def test_exit_ends_every_request(checkpoints):
     llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
     seqs = [llm.requests[llm.add_request(p, GREEDY)] for p in random_prompts([5, 40], seed=3)]
+    unread = llm.stream([1, 2], GREEDY)  # queued when first read: after the exit below
     llm.step()  # running, a token of each in flight
     llm.exit()
     assert llm.step() == [] and llm.is_finished()  # nothing left to run (before: an AttributeError)
@@ -760,6 +768,11 @@ def test_exit_ends_every_request(checkpoints):
     assert_all_blocks_free(llm)
     with pytest.raises(RuntimeError, match="exited"):
         llm.add_request([1, 2], GREEDY)
+    with pytest.raises(RuntimeError, match="exited"):  # it was an AttributeError that named nothing
+        next(unread)
+    with pytest.raises(RuntimeError, match="exited"):
+        llm.generate([[1, 2]], GREEDY, use_tqdm=False)
+    assert llm.is_finished() and not llm.requests
 
 
 def test_cli_demo_runs_offline(capsys):
@@ -1401,7 +1414,7 @@ def test_parallel_config_errors(checkpoints, tmp_path):
         LLM(odd, device="cpu", tensor_parallel_size=2)
     with pytest.raises(ValueError, match="device cuda .*GPUs present"):  # on a CPU-only machine: tp 1, no GPU
         LLM(checkpoints["gqa2-untied"], device="cuda", tensor_parallel_size=torch.cuda.device_count() + 1)
-    with pytest.raises(ValueError, match="dist_timeout_s must be a number > 0"):
+    with pytest.raises(ValueError, match=r"dist_timeout_s must be a number of seconds in \(0, 1e9\]"):
         LLM(checkpoints["gqa2-untied"], device="cpu", tensor_parallel_size=2, dist_timeout_s=0)
 
 
