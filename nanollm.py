@@ -1685,7 +1685,10 @@ def run_job(llm, input_path, output_path, defaults, shard=(0, 1), use_tqdm=True)
             if not line.strip() or (lineno - 1) % shard[1] != shard[0]:
                 continue
             try:
-                item = json.loads(line)
+                # pandas writes an int column with a missing value as floats (3.0): whole numbers count as ints
+                item = json.loads(line, parse_float=lambda s: int(float(s)) if float(s).is_integer() else float(s))
+                # and every column on every line, null where the row has none: a null counts as missing
+                item = {k: v for k, v in item.items() if v is not None} if isinstance(item, dict) else item
                 if not isinstance(item, dict) or "id" not in item or ("prompt" in item) == ("messages" in item):
                     raise ValueError('expected {"id": ..., "prompt": ...} or {"id": ..., "messages": [...]}')
                 key = json.dumps(item["id"])
@@ -1697,8 +1700,7 @@ def run_job(llm, input_path, output_path, defaults, shard=(0, 1), use_tqdm=True)
                 unknown = set(item) - {"id", "prompt", "messages", *JOB_SAMPLING_FIELDS}
                 if unknown:
                     raise ValueError(f"unknown fields {sorted(unknown)}")
-                # a field that is missing or null (as pandas writes a missing value) takes the command line's value
-                params = replace(defaults, **{k: item[k] for k in JOB_SAMPLING_FIELDS if item.get(k) is not None})
+                params = replace(defaults, **{k: item[k] for k in JOB_SAMPLING_FIELDS if k in item})  # else the CLI's
                 jobs[key] = llm.make_sequence(prompt, params)
             except Exception as e:  # report the line and go on with the rest
                 print(f"{input_path}:{lineno}: skipped: {e}", file=sys.stderr)
@@ -1754,8 +1756,8 @@ def main(argv=None):
         how = dict(action=argparse.BooleanOptionalAction) if kind is bool else dict(type=kind)  # bool: --x / --no-x
         p.add_argument("--" + f.name.replace("_", "-"), default=f.default, **how)  # defaults from the dataclasses
     args = p.parse_args(argv)
-    if bool(args.input) != bool(args.output) or (args.input and args.chat):  # a job's lines chat with "messages"
-        p.error("--input and --output go together, without --chat")
+    if bool(args.input) != bool(args.output) or (args.input and (args.chat or args.prompt)):
+        p.error("--input and --output go together, without --chat or --prompt")
     engine_args = {f.name: getattr(args, f.name) for f in fields(Config)[1:]}  # all but model
     params = SamplingParams(**{k: getattr(args, k) for k in JOB_SAMPLING_FIELDS})
     if args.model is None:

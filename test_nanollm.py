@@ -7,6 +7,7 @@ import random
 import shutil
 import tempfile
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -788,10 +789,11 @@ def test_cli_input_and_output_go_together(tmp_path, capsys, flag):
     assert "--input and --output go together" in capsys.readouterr().err
 
 
-def test_cli_chat_does_not_apply_to_a_job(tmp_path, capsys):  # a job line says it: "messages" or "prompt"
-    with pytest.raises(SystemExit):
-        nanollm.main(["--chat", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")])
-    assert "without --chat" in capsys.readouterr().err  # (the usage line names --chat anyway)
+@pytest.mark.parametrize("flags", [["--chat"], ["--prompt", "hi"]])
+def test_cli_prompts_do_not_apply_to_a_job(tmp_path, capsys, flags):  # a job line says it: "messages" or "prompt"
+    with pytest.raises(SystemExit):  # the prompt was ignored without a word
+        nanollm.main(flags + ["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")])
+    assert "without --chat or --prompt" in capsys.readouterr().err  # (the usage line names both anyway)
 
 
 def test_cli_chat_applies_the_template_to_prompts(capsys):
@@ -1548,7 +1550,7 @@ def write_job(path, n):
     lines.insert(7, json.dumps({"id": "bad", "prompt": "x", "top_p": 2}))
     lines += [json.dumps({"id": "q1", "prompt": "a duplicate id"}), json.dumps({"id": "empty", "prompt": ""})]
     lines += [json.dumps({"id": f"typed{i}", "prompt": "x", **field}) for i, field in  # a wrong type: the line only
-              enumerate([{"seed": "7"}, {"top_k": 20.0}, {"max_tokens": 2.5}])]
+              enumerate([{"seed": "7"}, {"top_k": 20.5}, {"max_tokens": 2.5}])]  # 20.0: 20
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -1616,6 +1618,26 @@ def test_job_null_fields_take_the_defaults(checkpoints, tmp_path):  # as pandas 
                             use_tqdm=False)
     assert [r["token_ids"] for r in results] == [e["token_ids"] for e in expected]
     assert [len(r["token_ids"]) for r in results] == [5, 3]
+
+
+def test_job_as_pandas_writes_it(checkpoints, tmp_path, capsys):
+    # DataFrame.to_json(orient="records", lines=True) writes every column on every line, null where a row has none,
+    # and an int column with a missing value as floats: every line but the last (2.5 tokens) was skipped
+    llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
+    chat = [{"role": "user", "content": "hi"}]
+    (tmp_path / "in.jsonl").write_text(
+        '{"id":"a","prompt":"Hello","messages":null,"max_tokens":3.0,"seed":null}\n'
+        '{"id":"b","prompt":null,"messages":[{"role":"user","content":"hi"}],"max_tokens":null,"seed":7.0}\n'
+        '{"id":"c","prompt":"World","messages":null,"max_tokens":2.5,"seed":null}\n')
+    defaults = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    nanollm.run_job(llm, tmp_path / "in.jsonl", tmp_path / "out.jsonl", defaults, use_tqdm=False)
+    assert "in.jsonl:3: skipped: max_tokens must be an int >= 1, got 2.5" in capsys.readouterr().err
+    results = sorted(read_results(tmp_path / "out.jsonl"), key=lambda r: r["id"])
+    expected = llm.generate(["Hello", llm.chat_prompt(chat)], [replace(defaults, max_tokens=3), replace(defaults, seed=7)],
+                            use_tqdm=False)
+    assert [r["id"] for r in results] == ["a", "b"]
+    assert [r["token_ids"] for r in results] == [e["token_ids"] for e in expected]
+    assert [len(r["token_ids"]) for r in results] == [3, 5]
 
 
 def test_job_takes_its_shard_and_ends_a_line_cut_short(checkpoints, tmp_path):
