@@ -1496,7 +1496,7 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
         if isinstance(prompt, str):  # one that starts with BOS (a chat template's, Llama 3's) gets no second one
             bos = self.tokenizer.bos_token
             token_ids = self.tokenizer.encode(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))
-        elif isinstance(prompt, (list, tuple)) and all(is_int(t) for t in prompt):  # numpy's ints too, not bools
+        elif isinstance(prompt, (list, tuple)) and all(type(t) is int or is_int(t) for t in prompt):  # numpy's too
             token_ids = [int(t) for t in prompt]
         else:
             raise TypeError("a prompt is a string or a list of token ids")
