@@ -60,8 +60,8 @@ def cdiv(a, b):  # ceiling division; triton.cdiv gives the same but costs micros
     return -(-a // b)
 
 
-def is_int(n, at_least=float("-inf")):  # numpy's ints count; bools do not (True == 1)
-    return isinstance(n, Integral) and not isinstance(n, bool) and n >= at_least
+def is_int(n, at_least=float("-inf")):  # numpy's ints count, bools do not (True == 1); int first: the ABC is slow
+    return (type(n) is int or isinstance(n, Integral) and not isinstance(n, bool)) and n >= at_least
 
 
 # -----------------------------------------------------------------------------
@@ -1496,7 +1496,7 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
         if isinstance(prompt, str):  # one that starts with BOS (a chat template's, Llama 3's) gets no second one
             bos = self.tokenizer.bos_token
             token_ids = self.tokenizer.encode(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))
-        elif isinstance(prompt, (list, tuple)) and all(type(t) is int or is_int(t) for t in prompt):  # numpy's too
+        elif isinstance(prompt, (list, tuple)) and all(is_int(t) for t in prompt):  # numpy's ints too, not bools
             token_ids = [int(t) for t in prompt]
         else:
             raise TypeError("a prompt is a string or a list of token ids")

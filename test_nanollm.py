@@ -1622,7 +1622,7 @@ def test_job_null_fields_take_the_defaults(checkpoints, tmp_path):  # as pandas 
 
 def test_job_as_pandas_writes_it(checkpoints, tmp_path, capsys):
     # DataFrame.to_json(orient="records", lines=True) writes every column on every line, null where a row has none,
-    # and an int column with a missing value as floats: every line but the last (2.5 tokens) was skipped
+    # and an int column with a missing value as floats: every line was skipped (the last, 2.5 tokens, still is)
     llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
     chat = [{"role": "user", "content": "hi"}]
     (tmp_path / "in.jsonl").write_text(
