@@ -1415,7 +1415,7 @@ def worker_main(config, rank, port, errors):
 # LLM: the API. generate() is a loop over the step-level engine: add_request(), step(), is_finished().
 
 class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (and its workers) on leaving
-    def __init__(self, model, parallel=None, **kwargs):
+    def __init__(self, model, *, parallel=None, **kwargs):
         # parallel: the caller's tensor-parallel group (torchrun); None: tensor_parallel_size > 1 spawns the other ranks
         self.config = config = Config(model, **kwargs)
         from transformers import AutoTokenizer

@@ -600,6 +600,11 @@ def test_invalid_engine_config(checkpoints, field, value):  # named before any w
         LLM(checkpoints["gqa2-untied"], **{field: value})
 
 
+def test_engine_options_are_keywords(checkpoints):  # LLM(path, 2) failed deep inside with an AttributeError
+    with pytest.raises(TypeError, match="positional argument"):
+        LLM(checkpoints["gqa2-untied"], 2)
+
+
 def test_sampling_params_take_numpy_numbers(checkpoints):  # e.g. read from a dataframe
     import numpy as np
     params = SamplingParams(temperature=np.float32(0.5), top_p=np.float64(0.9), top_k=np.int64(20),
