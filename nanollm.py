@@ -95,9 +95,8 @@ def load_model_config(path):  # config.json as a namespace under HF's names, plu
     if Path(path, "generation_config.json").is_file():  # its eos ids win (Llama 3 lists several there)
         eos = json.loads(Path(path, "generation_config.json").read_text()).get("eos_token_id", eos)
     defaults = dict(num_key_value_heads=c["num_attention_heads"], head_dim=c["hidden_size"] // c["num_attention_heads"],
-                    rms_norm_eps=1e-6, max_position_embeddings=40960, tie_word_embeddings=False,
-                    attention_bias=False, mlp_bias=False,  # attention_bias: q, k, v and o (Llama, Qwen3)
-                    norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[], moe_intermediate_size=768)
+                    rms_norm_eps=1e-6, max_position_embeddings=40960, tie_word_embeddings=False, attention_bias=False,
+                    mlp_bias=False, norm_topk_prob=False, mlp_only_layers=[], moe_intermediate_size=768)
     return SimpleNamespace(**{**defaults, **{k: v for k, v in c.items() if v is not None},
                               # where the families differ: Qwen3 normalises each q and k head, Qwen2 biases q, k, v
                               "qk_norm": arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
@@ -233,7 +232,8 @@ class RowParallelLinear(nn.Module):  # y = x @ W.T, W's input columns split: eac
 class VocabParallelEmbedding(nn.Module):  # a contiguous slice of the vocabulary per rank (padded to a TP-size multiple)
     def __init__(self, vocab_size, hidden_size, tp):
         super().__init__()
-        self.tp, self.vocab_size, self.rows = tp, vocab_size, cdiv(vocab_size, tp.size)
+        self.tp = tp
+        self.vocab_size, self.rows = vocab_size, cdiv(vocab_size, tp.size)  # the vocabulary, and a rank's slice of it
         self.start = tp.rank * self.rows
         self.weight = nn.Parameter(torch.zeros(self.rows, hidden_size), requires_grad=False)
 
@@ -388,7 +388,7 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim ** -0.5
         q_size, kv_size = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
         self.qkv_proj = MergedColumnParallelLinear(cfg.hidden_size, [q_size, kv_size, kv_size], tp, cfg.qkv_bias)
-        self.o_proj = RowParallelLinear(q_size, cfg.hidden_size, tp, cfg.attention_bias)
+        self.o_proj = RowParallelLinear(q_size, cfg.hidden_size, tp, cfg.attention_bias)  # attention_bias: q, k, v, o
         # Qwen3's per-head q/k norms (Qwen2 and Llama have none): their weights go to paged_attention, whose kernels
         # fuse them with RoPE and the cache write
         self.q_norm, self.k_norm = (RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None for _ in range(2))
@@ -722,9 +722,8 @@ def _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale):
 
 @triton.jit(do_not_specialize=["block_tables_stride"])  # the table width changes from step to step
 def _prefill_attention_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, context_lens_ptr, block_tables_ptr,
-        qk_scale, block_tables_stride,
-        NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, context_lens_ptr, block_tables_ptr, qk_scale,
+        block_tables_stride, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
     # grid: (cdiv(max_seqlen_q, BLOCK_M), num_heads, batch). Each program owns a (BLOCK_M, HEAD_DIM)
     # tile of one head's queries of one sequence and streams (BLOCK_N, HEAD_DIM) K/V tiles.
@@ -902,11 +901,12 @@ def paged_attention(qkv, q_norm, k_norm, eps, positions, cos_sin, k_cache, v_cac
 
 class Sequence:
     def __init__(self, request_id, token_ids, params):
-        self.request_id, self.params = request_id, params
+        self.request_id = request_id
+        self.params = params
         self.token_ids = list(token_ids)     # prompt, then generated tokens
-        self.num_prompt_tokens, self.block_table = len(token_ids), []
+        self.num_prompt_tokens = len(token_ids)
+        self.block_table = []                # ids of the blocks holding its tokens' keys and values, in order
         self.num_computed_tokens = 0         # tokens whose keys/values are in the cache
-        self.num_hashed_blocks = 0           # leading blocks already published under a hash
         self.num_scheduled_tokens = 0        # tokens to compute in the current step
         self.finish_reason = None            # "stop", "length" or "abort" once finished
         self.running = False                 # in the scheduler's running list
@@ -955,8 +955,7 @@ class BlockManager:
             block.ref_count += 1
             seq.block_table.append(block.id)
             parent = block.hash
-        seq.num_hashed_blocks = len(seq.block_table)
-        seq.num_computed_tokens = seq.num_hashed_blocks * self.block_size
+        seq.num_computed_tokens = len(seq.block_table) * self.block_size
         return seq.num_computed_tokens
 
     def allocate(self, seq, num_tokens):  # fresh blocks for the next num_tokens of seq
@@ -964,17 +963,18 @@ class BlockManager:
             block = self.blocks[self.free.popitem(last=False)[0]]  # the least recently freed
             if self.hash_to_block.get(block.hash) is block:  # evict its old contents
                 del self.hash_to_block[block.hash]
-            block.ref_count, block.hash, block.parent_hash, block.token_ids = 1, -1, -1, ()
+            self.blocks[block.id] = Block(block.id, ref_count=1)  # a fresh record: unpublished, no tokens
             seq.block_table.append(block.id)
 
-    def publish(self, seq):  # hash the blocks that just became full of computed tokens (looked up only with caching on)
-        for i in range(seq.num_hashed_blocks, seq.num_computed_tokens // self.block_size):
+    def commit(self, seq, num_tokens):  # seq's next num_tokens are computed: publish the blocks they filled
+        first = seq.num_computed_tokens // self.block_size
+        seq.num_computed_tokens += num_tokens
+        for i in range(first, seq.num_computed_tokens // self.block_size):
             block = self.blocks[seq.block_table[i]]
             block.parent_hash = self.blocks[seq.block_table[i - 1]].hash if i else -1
             block.token_ids = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
             block.hash = hash((block.parent_hash, block.token_ids))
             self.hash_to_block.setdefault(block.hash, block)  # an equal twin may be published already
-        seq.num_hashed_blocks = seq.num_computed_tokens // self.block_size
 
     def release(self, seq):  # the tail is freed first, so it is also evicted first
         for block_id in reversed(seq.block_table):
@@ -982,7 +982,7 @@ class BlockManager:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free[block_id] = None
-        seq.block_table, seq.num_computed_tokens, seq.num_hashed_blocks = [], 0, 0
+        seq.block_table, seq.num_computed_tokens = [], 0
 
 
 # -----------------------------------------------------------------------------
@@ -992,8 +992,10 @@ class BlockManager:
 # its next token preempts the newest admitted one, which frees its blocks and recomputes later (mostly prefix-cached).
 
 class Scheduler:
-    def __init__(self, config, block_manager, eos_token_ids, stats):
-        self.config, self.block_manager, self.eos_token_ids = config, block_manager, set(eos_token_ids)
+    def __init__(self, config, num_kvcache_blocks, eos_token_ids, stats):
+        self.config = config
+        self.block_manager = BlockManager(num_kvcache_blocks, config.kvcache_block_size, config.enable_prefix_caching)
+        self.eos_token_ids = set(eos_token_ids)
         self.waiting = deque()   # not admitted, or preempted (at the front)
         self.running = []        # admitted, oldest first
         self.stats = stats       # the engine's counters: preemptions and cached_prompt_tokens are counted here
@@ -1055,8 +1057,7 @@ class Scheduler:
     def postprocess(self, batch, rows):  # rows: those sampled, in row order; each still running gets a placeholder
         for seq in batch:
             if seq.running:  # not finished while the step ran
-                seq.num_computed_tokens += seq.num_scheduled_tokens
-                self.block_manager.publish(seq)
+                self.block_manager.commit(seq, seq.num_scheduled_tokens)
         for row, seq in enumerate(rows):
             if seq.running:
                 seq.placeholder = -1 - row
@@ -1267,9 +1268,8 @@ class ModelRunner:
         # One int32 tensor, floats as their bits (head() views them as floats again). Each part is 16-byte aligned:
         # Triton specialises a kernel on its pointers' alignment, and nothing may compile mid-run.
         if graph_bs is not None:  # a decode step grown to a graph's batch size, into the buffer the graph reads: its
-            # padding rows have context 0, so write nothing (slot -1 too) and attend to nothing, and sample greedily
-            # from row 0. The block tables come last, so every other input lands where it did at capture, whatever the
-            # tables' width.
+            # padding rows have context 0, so write nothing (slot -1 too), attend to nothing and sample greedily from
+            # row 0. The block tables come last: every other input lands where it did at capture, whatever their width.
             fill = dict(slot_mapping=-1, top_k=self.config.hf.vocab_size, top_p=1.0, block_tables=[0])
             step = {name: step[name] + [fill.get(name, 0)] * (graph_bs - len(step[name])) for name in STEP_INPUTS}
             step["cu_seqlens_q"] = list(range(graph_bs + 1))
@@ -1352,9 +1352,9 @@ class ModelRunner:
 # their model shard and run ModelRunner.loop(). Collectives use NCCL on GPUs, gloo on CPUs; commands travel on a gloo
 # group. The store lives as long as the process group: NCCL connects lazily, through the store, at its first
 # collective, and so does every group made later. A failing worker queues its traceback and exits; rank 0 then fails
-# its next collective, ends every worker and raises that traceback. Nothing waits forever: a rank that does not come
-# is reported after dist_timeout_s, one that ends during start-up at once, and a model collective that cannot
-# complete fails after dist_timeout_s (on GPUs NCCL's watchdog then ends the process).
+# its next collective, ends every worker and raises that traceback. Nothing waits forever: a rank that does not come is
+# reported after dist_timeout_s, one that ends during start-up at once, and a model collective that cannot complete
+# fails after dist_timeout_s (on GPUs NCCL's watchdog then ends the process).
 IDLE_TIMEOUT = timedelta(days=30)  # commands (an idle chat) and data-parallel results (uneven jobs) may be far apart
 
 
@@ -1424,7 +1424,7 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
         self.tokenizer = AutoTokenizer.from_pretrained(model, clean_up_tokenization_spaces=False)
         if len(self.tokenizer) < 2:  # transformers gives a directory without tokenizer files an empty one
             raise ValueError(f"no tokenizer in {model!r}: nanollm needs the model's own (tokenizer.json or the like)")
-        self.runner, self.workers, self.errors = None, [], None
+        self.runner, self.workers, self.errors = None, [], None  # the model's runner; spawned ranks, their tracebacks
         self.requests = {}  # id -> Sequence, until it finishes or is aborted
         self.pending = None  # the last step's sampled ids on their way to the host (see step())
         self.ids_overwritten = False
@@ -1435,15 +1435,14 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
             self.runner = ModelRunner(config, parallel or Parallel())
         except BaseException as e:
             self.exit(e)
-        self.num_kvcache_blocks = num_blocks = self.runner.num_kvcache_blocks
-        self.block_manager = BlockManager(num_blocks, config.kvcache_block_size, config.enable_prefix_caching)
-        self.eos_token_ids = config.hf.eos_token_ids or tuple({self.tokenizer.eos_token_id} - {None})  # may have none
+        self.num_kvcache_blocks = self.runner.num_kvcache_blocks
+        eos_token_ids = config.hf.eos_token_ids or tuple({self.tokenizer.eos_token_id} - {None})  # may have none
         # counters since start; prefill_tokens and decode_tokens count the tokens computed in each kind of step
         # (with a sequence that stopped while already in the next step's batch: that row is counted too); the
         # scheduler counts preemptions and cached_prompt_tokens (prompt tokens the prefix cache served)
         self.stats = dict(prompt_tokens=0, cached_prompt_tokens=0, prefill_tokens=0, decode_tokens=0,
                           preemptions=0, steps=0)
-        self.scheduler = Scheduler(config, self.block_manager, self.eos_token_ids, self.stats)
+        self.scheduler = Scheduler(config, self.num_kvcache_blocks, eos_token_ids, self.stats)
         self.request_ids = itertools.count()  # ids for new requests: 0, 1, 2, ...
 
     def __exit__(self, exc_type, exc, tb):
@@ -1454,7 +1453,8 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
         abrupt = abrupt or failure is not None
         if self.runner is not None and self.runner.tp.size > 1 and not abrupt:
             self.runner.call("exit")
-        self.runner, workers, self.workers, self.pending = None, self.workers, [], None
+        workers, self.workers = self.workers, []  # a second exit() finds none
+        self.runner = self.pending = None
         for request_id in list(self.requests):  # so a later step() has nothing to run
             self.abort(request_id)
         for w in workers:
@@ -1764,8 +1764,8 @@ def main(argv=None):
         args.model = build_random_checkpoint(tempfile.mkdtemp(prefix="nanollm-demo-"))
         print(f"No --model given: built a tiny Qwen3 with RANDOM weights (gibberish, but it all runs) in {args.model}")
     config = Config(args.model, **engine_args)
-    parallel, dp_rank, dp_size, world = None, 0, 1, int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:  # torchrun
+    parallel, dp_rank, dp_size = None, 0, 1  # under torchrun: this rank's TP group, its DP group's index, the DP groups
+    if (world := int(os.environ.get("WORLD_SIZE", 1))) > 1:  # torchrun started this many processes
         tp, rank = config.tensor_parallel_size, int(os.environ["RANK"])
         if world % tp:
             raise ValueError(f"torchrun world size {world} is not a multiple of tensor_parallel_size {tp}")

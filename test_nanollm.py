@@ -99,7 +99,7 @@ def random_prompts(lengths, seed=0, vocab=512):
 
 
 def assert_all_blocks_free(llm):
-    bm = llm.block_manager
+    bm = llm.scheduler.block_manager
     assert len(bm.free) == len(bm.blocks)
     assert all(b.ref_count == 0 for b in bm.blocks)
     assert llm.is_finished() and not llm.requests
@@ -217,7 +217,7 @@ def test_eos_stops_unless_ignored(checkpoints, hf_models):
     ref = hf_greedy(hf_models["gqa2-untied"], prompt, 12)
     path = checkpoints["gqa2-untied"]
     llm = LLM(path, kvcache_block_size=16, num_kvcache_blocks=64)
-    llm.eos_token_ids = llm.scheduler.eos_token_ids = {ref[4]}  # pretend the 5th token is the model's eos
+    llm.scheduler.eos_token_ids = {ref[4]}  # pretend the 5th token is the model's eos
     assert llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0]["token_ids"] == ref[:ref.index(ref[4]) + 1]
     assert llm.generate([prompt], GREEDY, use_tqdm=False)[0]["token_ids"] == ref
 
@@ -238,10 +238,9 @@ def make_seq(tokens):
     return Sequence(0, tokens, SamplingParams())
 
 
-def compute(bm, seq, n):  # what a step does to the cache: allocate, compute, publish
+def compute(bm, seq, n):  # what a step does to the cache: allocate, compute (commit publishes full blocks)
     bm.allocate(seq, n)
-    seq.num_computed_tokens += n
-    bm.publish(seq)
+    bm.commit(seq, n)
 
 
 def test_block_manager_hashing_reuse_and_refcounts():
@@ -298,7 +297,8 @@ def test_eviction_takes_unused_blocks_then_tails_before_prefixes():
 
 
 def check_block_invariants(llm):  # exact, between any two steps
-    bm, scheduler = llm.block_manager, llm.scheduler
+    scheduler = llm.scheduler
+    bm = scheduler.block_manager
     assert len(scheduler.running) <= llm.config.max_num_seqs
     assert not any(seq.block_table for seq in scheduler.waiting)  # preempted or not admitted: holds nothing
     holders = Counter(block_id for seq in scheduler.running for block_id in seq.block_table)
@@ -307,7 +307,8 @@ def check_block_invariants(llm):  # exact, between any two steps
     for seq in scheduler.running:
         assert len(set(seq.block_table)) == len(seq.block_table) >= cdiv(seq.num_computed_tokens, bm.block_size)
         parent = -1
-        for i, block_id in enumerate(seq.block_table[:seq.num_hashed_blocks]):  # published: its own tokens, chained
+        full = seq.num_computed_tokens // bm.block_size  # full blocks are published: their own tokens, chained
+        for i, block_id in enumerate(seq.block_table[:full]):
             block = bm.blocks[block_id]
             assert block.token_ids == tuple(seq.token_ids[i * bm.block_size:(i + 1) * bm.block_size])
             assert block.parent_hash == parent
@@ -640,7 +641,7 @@ def test_bad_requests_change_nothing(checkpoints, hf_models):
     for prompts, params, message in cases:
         with pytest.raises(ValueError, match=message):
             llm.generate(prompts, params, use_tqdm=False)
-        assert llm.is_finished() and len(llm.block_manager.free) == 4
+        assert llm.is_finished() and len(llm.scheduler.block_manager.free) == 4
     assert llm.generate([good], GREEDY, use_tqdm=False)[0]["token_ids"] == hf_greedy(hf_models["gqa2-untied"], good, 12)
     # 60 + 5 tokens fit the 4 blocks' 64 slots: the last token is never cached (it was refused as "could never run")
     fits = list(range(1, 61))
@@ -658,7 +659,7 @@ def test_a_decode_step_grown_to_a_graph_batch(checkpoints):
     seqs = [Sequence(i, list(range(1, n + 1)), SamplingParams(temperature=0.5, top_p=0.9, top_k=7, seed=i))
             for i, n in enumerate([5, 20, 40])]
     for seq in seqs:  # one new token each: a decode step
-        llm.block_manager.allocate(seq, len(seq))
+        llm.scheduler.block_manager.allocate(seq, len(seq))
         seq.num_computed_tokens, seq.num_scheduled_tokens = len(seq) - 1, 1
     step = runner.prepare(seqs)
     captured = runner.upload({name: [] for name in nanollm.STEP_INPUTS}, graph_bs=8)
@@ -677,7 +678,7 @@ def test_a_decode_step_grown_to_a_graph_batch(checkpoints):
     assert inputs["block_tables"].view(8, -1).tolist() == [t + [0] * (3 - len(t)) for t in step["block_tables"]] + [
         [0] * 3] * 5
     for seq in seqs:
-        llm.block_manager.release(seq)
+        llm.scheduler.block_manager.release(seq)
 
 
 def test_placeholder_is_read_on_the_device(checkpoints):
@@ -687,11 +688,11 @@ def test_placeholder_is_read_on_the_device(checkpoints):
     prompt = random_prompts([20], seed=12)[0]
 
     def prefill_hidden(seq):
-        llm.block_manager.allocate(seq, len(seq))
+        llm.scheduler.block_manager.allocate(seq, len(seq))
         seq.num_scheduled_tokens = len(seq)
         step = llm.runner.prepare([seq])
         hidden = llm.runner.forward(llm.runner.upload(step), step["max_seqlen_q"])
-        llm.block_manager.release(seq)
+        llm.scheduler.block_manager.release(seq)
         return hidden
     held = Sequence(1, prompt[:-1], GREEDY)
     held.placeholder = -1 - 2  # row 2 of the previous sample
@@ -749,15 +750,15 @@ def test_interrupt_during_admission_frees_the_claimed_prefix(checkpoints, hf_mod
     llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
     prompt = random_prompts([40], seed=21)[0]
     expected = llm.generate([prompt], GREEDY, use_tqdm=False)  # its first two blocks are cached now
-    blocks_needed = llm.block_manager.blocks_needed
+    blocks_needed = llm.scheduler.block_manager.blocks_needed
 
     def interrupted(seq, num_tokens):
         assert seq.block_table  # the prefix is claimed
         raise KeyboardInterrupt
-    llm.block_manager.blocks_needed = interrupted
+    llm.scheduler.block_manager.blocks_needed = interrupted
     with pytest.raises(KeyboardInterrupt):
         llm.generate([prompt], GREEDY, use_tqdm=False)
-    llm.block_manager.blocks_needed = blocks_needed
+    llm.scheduler.block_manager.blocks_needed = blocks_needed
     assert llm.is_finished() and not llm.requests
     assert_all_blocks_free(llm)
     assert llm.generate([prompt], GREEDY, use_tqdm=False) == expected
