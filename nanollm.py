@@ -967,14 +967,15 @@ class BlockManager:
             seq.block_table.append(block.id)
 
     def commit(self, seq, num_tokens):  # seq's next num_tokens are computed: publish the blocks they filled
-        first = seq.num_computed_tokens // self.block_size
-        seq.num_computed_tokens += num_tokens
-        for i in range(first, seq.num_computed_tokens // self.block_size):
+        computed = seq.num_computed_tokens + num_tokens
+        for i in range(seq.num_computed_tokens // self.block_size, computed // self.block_size):
             block = self.blocks[seq.block_table[i]]
             block.parent_hash = self.blocks[seq.block_table[i - 1]].hash if i else -1
             block.token_ids = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
             block.hash = hash((block.parent_hash, block.token_ids))
             self.hash_to_block.setdefault(block.hash, block)  # an equal twin may be published already
+        # counted last: after a Ctrl-C in the loop the tokens are computed again, so no full block stays unpublished
+        seq.num_computed_tokens = computed
 
     def release(self, seq):  # the tail is freed first, so it is also evicted first
         for block_id in reversed(seq.block_table):
@@ -1080,9 +1081,8 @@ class Scheduler:
 # Model runner: batch -> tensors -> forward (CUDA graph replay for decode) -> logits -> sampled tokens
 
 def sample(logits, temperature, seeds, top_k=None, top_p=None, candidates=None):
-    # logits: (B, V); temperature: (B,) float, 0 = greedy; seeds: (B,) int32, each row's random stream;
-    # top_k: (B,) int (V = all) and top_p: (B,) float, both None when no row filters; candidates: an int, at least
-    # every row's top_k. -> (B,) int32 ids
+    # logits: (B, V); temperature: (B,) float, 0 = greedy; seeds: (B,) int32, each row's random stream; top_k: (B,)
+    # int (V = all) and top_p: (B,) float, None when no row filters; candidates: >= each row's top_k -> (B,) int32 ids
     if top_k is not None:  # the kept tokens are among each row's best `candidates`: up to V / 8 a partial sort, more
         # a whole one (whose memory the KV cache's warm-up measures: topk near V takes more, and is slower)
         best, order = logits.topk(candidates) if candidates * 8 <= logits.shape[1] else logits.sort(descending=True)

@@ -307,7 +307,8 @@ def check_block_invariants(llm):  # exact, between any two steps
     for seq in scheduler.running:
         assert len(set(seq.block_table)) == len(seq.block_table) >= cdiv(seq.num_computed_tokens, bm.block_size)
         parent = -1
-        full = seq.num_computed_tokens // bm.block_size  # full blocks are published: their own tokens, chained
+        full = seq.num_computed_tokens // bm.block_size  # exactly the full blocks are published: own tokens, chained
+        assert all(bm.blocks[block_id].hash == -1 for block_id in seq.block_table[full:])
         for i, block_id in enumerate(seq.block_table[:full]):
             block = bm.blocks[block_id]
             assert block.token_ids == tuple(seq.token_ids[i * bm.block_size:(i + 1) * bm.block_size])
@@ -742,6 +743,40 @@ def test_abort_and_interrupt_while_a_token_is_in_flight(checkpoints, hf_models):
         assert seq.completion_token_ids == hf_greedy(hf_models["gqa2-untied"], prompt, 12)
         assert seq.finish_reason == "length"
     assert_all_blocks_free(llm)
+
+
+def test_interrupt_inside_commit_leaves_no_block_unpublished(checkpoints, hf_models):
+    # Ctrl-C in BlockManager.commit, before the first full block of a prefill chunk is published. Its tokens were
+    # counted as computed first: that block was never published, the next one was published as a prompt's first
+    # block, and a prompt starting with that block's tokens got another position's keys and values from the cache.
+    llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64, max_num_batched_tokens=16)
+    bm = llm.scheduler.block_manager
+    commit = bm.commit
+
+    class InterruptedOnce(list):  # the block list, whose first read raises
+        def __getitem__(self, index):
+            bm.blocks = list(self)
+            raise KeyboardInterrupt
+
+    def interrupted(seq, num_tokens):
+        bm.commit = commit
+        bm.blocks = InterruptedOnce(bm.blocks)
+        commit(seq, num_tokens)
+    bm.commit = interrupted
+    prompt = random_prompts([40], seed=23)[0]
+    seq = llm.requests[llm.add_request(prompt, GREEDY)]
+    with pytest.raises(KeyboardInterrupt):
+        llm.step()  # the first chunk: tokens 0-15, block 0
+    while not llm.is_finished():
+        llm.step()
+        check_block_invariants(llm)
+    assert seq.completion_token_ids == hf_greedy(hf_models["gqa2-untied"], prompt, 12)
+    second = prompt[16:32] + [7, 9, 11]  # starts with block 1's tokens: no prefix of it is cached
+    assert llm.generate([second], GREEDY, use_tqdm=False)[0]["token_ids"] == hf_greedy(
+        hf_models["gqa2-untied"], second, 12)
+    assert llm.stats["cached_prompt_tokens"] == 0
+    assert llm.generate([prompt], GREEDY, use_tqdm=False)[0]["token_ids"] == seq.completion_token_ids
+    assert llm.stats["cached_prompt_tokens"] == 32  # both of its full blocks were published after all
 
 
 def test_interrupt_during_admission_frees_the_claimed_prefix(checkpoints, hf_models):
