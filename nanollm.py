@@ -1764,7 +1764,7 @@ def main(argv=None):
         args.model = build_random_checkpoint(tempfile.mkdtemp(prefix="nanollm-demo-"))
         print(f"No --model given: built a tiny Qwen3 with RANDOM weights (gibberish, but it all runs) in {args.model}")
     config = Config(args.model, **engine_args)
-    parallel, dp_rank, dp_size = None, 0, 1  # under torchrun: this rank's TP group, its DP group's index, the DP groups
+    parallel, dp_rank, dp_size = None, 0, 1  # torchrun: this rank's TP group, its DP group's index, how many DP groups
     if (world := int(os.environ.get("WORLD_SIZE", 1))) > 1:  # torchrun started this many processes
         tp, rank = config.tensor_parallel_size, int(os.environ["RANK"])
         if world % tp:
