@@ -951,20 +951,20 @@ class BlockManager:
             block = self.hash_to_block.get(hash((parent, tokens)))
             if block is None or block.parent_hash != parent or block.token_ids != tokens:
                 break
-            self.free.pop(block.id, None)  # revived from the free list (where exactly the blocks of ref_count 0 are)
             block.ref_count += 1
             seq.block_table.append(block.id)
+            self.free.pop(block.id, None)  # revived from the free list (where exactly the blocks of ref_count 0 are)
             parent = block.hash
         seq.num_computed_tokens = len(seq.block_table) * self.block_size
         return seq.num_computed_tokens
 
     def allocate(self, seq, num_tokens):  # fresh blocks for the next num_tokens of seq
         for _ in range(self.blocks_needed(seq, num_tokens)):
-            block = self.blocks[self.free.popitem(last=False)[0]]  # the least recently freed
+            block = self.blocks[next(iter(self.free))]  # the least recently freed
             if self.hash_to_block.get(block.hash) is block:  # evict its old contents
                 del self.hash_to_block[block.hash]
             self.blocks[block.id] = Block(block.id, ref_count=1)  # a fresh record: unpublished, no tokens
-            seq.block_table.append(block.id)
+            seq.block_table.append(self.free.popitem(last=False)[0])  # it leaves the free list as it joins the table
 
     def commit(self, seq, num_tokens):  # seq's next num_tokens are computed: publish the blocks they filled
         computed = seq.num_computed_tokens + num_tokens
@@ -978,12 +978,12 @@ class BlockManager:
         seq.num_computed_tokens = computed
 
     def release(self, seq):  # the tail is freed first, so it is also evicted first
-        for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
+        while seq.block_table:  # each block leaves the table as it is released: a Ctrl-C never releases one twice
+            block = self.blocks[seq.block_table.pop()]
             block.ref_count -= 1
             if block.ref_count == 0:
-                self.free[block_id] = None
-        seq.block_table, seq.num_computed_tokens = [], 0
+                self.free[block.id] = None
+        seq.num_computed_tokens = 0
 
 
 # -----------------------------------------------------------------------------
@@ -1048,7 +1048,7 @@ class Scheduler:
 
     def remove(self, seq):  # out of its queue, if in one, and its blocks back: a running sequence's, or the prefix
         # a waiting one claimed just before an interrupt (Ctrl-C between the claim and the admission check)
-        if seq.running:
+        if seq in self.running:  # not the flag: a Ctrl-C may land between the two
             self.running.remove(seq)
             seq.running = False
         elif seq in self.waiting:
@@ -1070,8 +1070,8 @@ class Scheduler:
         seq.placeholder = None
         stop = (not seq.params.ignore_eos and token in self.eos_token_ids) or token in seq.params.stop_token_ids
         if stop or self.at_length_limit(seq):
+            self.remove(seq)  # first: an abort skips a finished sequence
             seq.finish_reason = "stop" if stop else "length"
-            self.remove(seq)
 
     def at_length_limit(self, seq):
         return len(seq) - seq.num_prompt_tokens == seq.params.max_tokens or len(seq) == self.config.max_model_len
