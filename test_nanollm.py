@@ -6,7 +6,7 @@ import os
 import random
 import shutil
 import tempfile
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import replace
 from pathlib import Path
 
@@ -777,6 +777,37 @@ def test_interrupt_inside_commit_leaves_no_block_unpublished(checkpoints, hf_mod
     assert llm.stats["cached_prompt_tokens"] == 0
     assert llm.generate([prompt], GREEDY, use_tqdm=False)[0]["token_ids"] == seq.completion_token_ids
     assert llm.stats["cached_prompt_tokens"] == 32  # both of its full blocks were published after all
+
+
+def test_interrupt_inside_release_frees_each_block_once(checkpoints, hf_models):
+    # Ctrl-C in BlockManager.release after its first block went back to the free list: generate()'s abort releases
+    # the rest. (The whole table was released again: a ref count of -1, and a cached block shared later was freed
+    # while still in use.)
+    llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
+    bm = llm.scheduler.block_manager
+    release = bm.release
+
+    class InterruptedOnce(OrderedDict):  # the free list, whose first insertion once armed is followed by a Ctrl-C
+        armed = False
+
+        def __setitem__(self, block_id, value):
+            super().__setitem__(block_id, value)
+            if self.armed:
+                bm.free = OrderedDict(self)
+                raise KeyboardInterrupt
+
+    def interrupted(seq):
+        bm.release = release
+        bm.free = InterruptedOnce(bm.free)
+        bm.free.armed = True
+        release(seq)
+    bm.release = interrupted
+    prompt = random_prompts([50], seed=5)[0]
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([prompt], GREEDY, use_tqdm=False)  # its release at the length limit is interrupted
+    assert all(block.ref_count == 0 for block in bm.blocks) and len(bm.free) == len(bm.blocks)
+    expected = hf_greedy(hf_models["gqa2-untied"], prompt, 12)
+    assert llm.generate([prompt, prompt], GREEDY, use_tqdm=False)[1]["token_ids"] == expected
 
 
 def test_interrupt_during_admission_frees_the_claimed_prefix(checkpoints, hf_models):
