@@ -964,7 +964,7 @@ class BlockManager:
             if self.hash_to_block.get(block.hash) is block:  # evict its old contents
                 del self.hash_to_block[block.hash]
             self.blocks[block.id] = Block(block.id, ref_count=1)  # a fresh record: unpublished, no tokens
-            seq.block_table.append(self.free.popitem(last=False)[0])  # it leaves the free list as it joins the table
+            seq.block_table.append(self.free.popitem(last=False)[0])  # block.id, out of the list as it joins the table
 
     def commit(self, seq, num_tokens):  # seq's next num_tokens are computed: publish the blocks they filled
         computed = seq.num_computed_tokens + num_tokens
