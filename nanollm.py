@@ -897,7 +897,9 @@ def paged_attention(qkv, q_norm, k_norm, eps, positions, cos_sin, k_cache, v_cac
 # A block is "published" under a hash once all its tokens are computed and cached. The hash chains the parent block's
 # hash with the block's token ids, so equal hashes mean equal prefixes; a hit is still confirmed against the stored
 # parent hash and tokens. A block whose last user is done returns to the free list with its hash and contents: a later
-# request with the same prefix revives it, until it is handed out for new tokens (least recently freed first).
+# request with the same prefix revives it, until it is handed out for new tokens (least recently freed first). Ctrl-C:
+# Python raises KeyboardInterrupt as a call returns, a function starts or a loop goes round, never between two plain
+# statements (`n -= 1`, `d[k] = v`); at each such point below, release() can give every block back exactly once.
 
 class Sequence:
     def __init__(self, request_id, token_ids, params):
@@ -964,7 +966,8 @@ class BlockManager:
             if self.hash_to_block.get(block.hash) is block:  # evict its old contents
                 del self.hash_to_block[block.hash]
             self.blocks[block.id] = Block(block.id, ref_count=1)  # a fresh record: unpublished, no tokens
-            seq.block_table.append(self.free.popitem(last=False)[0])  # block.id, out of the list as it joins the table
+            seq.block_table.append(block.id)
+            del self.free[block.id]  # after the append: a Ctrl-C between leaves it in both; release() mends that
 
     def commit(self, seq, num_tokens):  # seq's next num_tokens are computed: publish the blocks they filled
         computed = seq.num_computed_tokens + num_tokens
@@ -978,11 +981,12 @@ class BlockManager:
         seq.num_computed_tokens = computed
 
     def release(self, seq):  # the tail is freed first, so it is also evicted first
-        while seq.block_table:  # each block leaves the table as it is released: a Ctrl-C never releases one twice
-            block = self.blocks[seq.block_table.pop()]
+        while seq.block_table:
+            block = self.blocks[seq.block_table[-1]]
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free[block.id] = None
+            seq.block_table.pop()  # last: a Ctrl-C lands before the block is released or after it left the table
         seq.num_computed_tokens = 0
 
 
@@ -1046,8 +1050,7 @@ class Scheduler:
         batch.append(seq)
         return num_tokens
 
-    def remove(self, seq):  # out of its queue, if in one, and its blocks back: a running sequence's, or the prefix
-        # a waiting one claimed just before an interrupt (Ctrl-C between the claim and the admission check)
+    def remove(self, seq):  # out of its queue, if in one; its blocks back (a waiting one's: claimed before a Ctrl-C)
         if seq in self.running:  # not the flag: a Ctrl-C may land between the two
             self.running.remove(seq)
             seq.running = False
@@ -1502,14 +1505,12 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
             raise TypeError("a prompt is a string or a list of token ids")
         if not token_ids:
             raise ValueError("empty prompt: at least one token is needed")
-        bad = [t for t in token_ids if not 0 <= t < self.config.hf.vocab_size]
-        if bad:
+        if bad := [t for t in token_ids if not 0 <= t < self.config.hf.vocab_size]:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.hf.vocab_size})")
         if len(token_ids) >= self.config.max_model_len:  # it must leave room for one new token
             raise ValueError(f"prompt too long: {len(token_ids)} tokens >= max_model_len={self.config.max_model_len}")
-        # the last token is never cached: nothing is computed from it
         longest = min(len(token_ids) + int(params.max_tokens), self.config.max_model_len)
-        need = cdiv(longest - 1, self.config.kvcache_block_size)
+        need = cdiv(longest - 1, self.config.kvcache_block_size)  # - 1: nothing is computed from the last token
         if need > self.num_kvcache_blocks:
             raise ValueError(f"could never run: {need} KV-cache blocks needed, the cache has {self.num_kvcache_blocks}")
         return Sequence(next(self.request_ids), token_ids, params)
@@ -1697,8 +1698,7 @@ def run_job(llm, input_path, output_path, defaults, shard=(0, 1), use_tqdm=True)
                 if key in jobs:
                     raise ValueError(f"duplicate id {item['id']!r}")
                 prompt = item["prompt"] if "prompt" in item else llm.chat_prompt(item["messages"])
-                unknown = set(item) - {"id", "prompt", "messages", *JOB_SAMPLING_FIELDS}
-                if unknown:
+                if unknown := set(item) - {"id", "prompt", "messages", *JOB_SAMPLING_FIELDS}:
                     raise ValueError(f"unknown fields {sorted(unknown)}")
                 params = replace(defaults, **{k: item[k] for k in JOB_SAMPLING_FIELDS if k in item})  # else the CLI's
                 jobs[key] = llm.make_sequence(prompt, params)

@@ -5,8 +5,9 @@ import multiprocessing
 import os
 import random
 import shutil
+import sys
 import tempfile
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,8 +20,8 @@ if not torch.cuda.is_available():  # the Triton kernels run on the CPU through T
 import triton  # noqa: E402
 
 import nanollm  # noqa: E402
-from nanollm import (LLM, BlockManager, SamplingParams, Sequence, build_random_checkpoint, cdiv,  # noqa: E402
-                     decode_attention, paged_attention_reference, prefill_attention, qk_norm_rope_store,
+from nanollm import (LLM, BlockManager, SamplingParams, Scheduler, Sequence, build_random_checkpoint,  # noqa: E402
+                     cdiv, decode_attention, paged_attention_reference, prefill_attention, qk_norm_rope_store,
                      qk_norm_rope_store_reference)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -779,35 +780,49 @@ def test_interrupt_inside_commit_leaves_no_block_unpublished(checkpoints, hf_mod
     assert llm.stats["cached_prompt_tokens"] == 32  # both of its full blocks were published after all
 
 
-def test_interrupt_inside_release_frees_each_block_once(checkpoints, hf_models):
-    # Ctrl-C in BlockManager.release after its first block went back to the free list: generate()'s abort releases
-    # the rest. (The whole table was released again: a ref count of -1, and a cached block shared later was freed
-    # while still in use.)
-    llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
-    bm = llm.scheduler.block_manager
-    release = bm.release
+def test_a_ctrl_c_at_any_point_of_the_bookkeeping_loses_no_block(checkpoints, hf_models):
+    # Python raises a Ctrl-C's KeyboardInterrupt as a call returns, a function starts or a loop goes round. Here it is
+    # raised at each point of the first two kinds in the scheduler's and block manager's methods (a call made there
+    # returns, or a Python function they call starts), one point per run, through every point of a run of two
+    # generate() calls that claim a cached prefix, evict, preempt and finish. After each, no request is left and every
+    # block is free. (Before: a Ctrl-C just after `free.popitem()` in allocate, or `block_table.pop()` in release,
+    # lost that block for good; one in the admission left a sequence in the running list.)
+    llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=5, max_num_batched_tokens=32)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompt = random_prompts([60], seed=5)[0]
+    prompts = [prompt[20:60], prompt[:30], prompt[:40]]
+    methods = {f.__code__ for cls in (BlockManager, Scheduler) for f in vars(cls).values() if callable(f)}
+    target = points = 0
 
-    class InterruptedOnce(OrderedDict):  # the free list, whose first insertion once armed is followed by a Ctrl-C
-        armed = False
-
-        def __setitem__(self, block_id, value):
-            super().__setitem__(block_id, value)
-            if self.armed:
-                bm.free = OrderedDict(self)
+    def profile(frame, event, arg):  # counts the points; the target-th raises
+        nonlocal points
+        caller = frame if event == "c_return" else frame.f_back
+        if event in ("c_return", "call") and caller is not None and caller.f_code in methods:
+            points += 1
+            if points == target:
                 raise KeyboardInterrupt
 
-    def interrupted(seq):
-        bm.release = release
-        bm.free = InterruptedOnce(bm.free)
-        bm.free.armed = True
-        release(seq)
-    bm.release = interrupted
-    prompt = random_prompts([50], seed=5)[0]
-    with pytest.raises(KeyboardInterrupt):
-        llm.generate([prompt], GREEDY, use_tqdm=False)  # its release at the length limit is interrupted
-    assert all(block.ref_count == 0 for block in bm.blocks) and len(bm.free) == len(bm.blocks)
-    expected = hf_greedy(hf_models["gqa2-untied"], prompt, 12)
-    assert llm.generate([prompt, prompt], GREEDY, use_tqdm=False)[1]["token_ids"] == expected
+    def run():  # from an empty cache: each run meets the same points in the same order
+        nonlocal points
+        llm.scheduler.block_manager = BlockManager(5, 16)
+        points = 0
+        sys.setprofile(profile)
+        try:
+            llm.generate([prompt[:36]], params, use_tqdm=False)  # its first two blocks are cached for the others
+            return llm.generate(prompts, params, use_tqdm=False)
+        finally:
+            sys.setprofile(None)
+    expected = run()
+    assert llm.stats["cached_prompt_tokens"] and llm.stats["preemptions"]  # the run does all it should
+    assert [out["token_ids"] for out in expected] == [hf_greedy(hf_models["gqa2-untied"], p, 8) for p in prompts]
+    for target in range(1, points + 1):
+        with pytest.raises(KeyboardInterrupt):
+            run()
+        assert not llm.scheduler.waiting and not llm.scheduler.running and not llm.requests, f"point {target}"
+        bm = llm.scheduler.block_manager
+        assert [block.ref_count for block in bm.blocks] == [0] * 5 and len(bm.free) == 5, f"point {target}"
+    target = 0
+    assert run() == expected
 
 
 def test_interrupt_during_admission_frees_the_claimed_prefix(checkpoints, hf_models):
