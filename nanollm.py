@@ -33,11 +33,12 @@ import re
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from array import array
 from collections import OrderedDict, deque
-from contextlib import AbstractContextManager, suppress
+from contextlib import AbstractContextManager, ExitStack, suppress
 from dataclasses import dataclass, fields, replace
 from datetime import timedelta
 from numbers import Integral, Real
@@ -355,8 +356,7 @@ def gemv(x, weight, norm=None, residual=None, swiglu=False, bias=None):  # x (1,
     # 4 outputs per program; a warp per 1,024 columns of a tile (fastest at Qwen3-0.6B's four shapes on an H200,
     # although for sm_90 every such tile spills 184-448 bytes a thread to the stack: 2 outputs of 1,024 did not)
     block_k = triton.next_power_of_2(K) if norm is not None else min(4096, triton.next_power_of_2(K))
-    _gemv_kernel[(cdiv(N, 4),)](
-        x, weight, bias, out, residual, summed, None if norm is None else norm.weight,
+    _gemv_kernel[(cdiv(N, 4),)](x, weight, bias, out, residual, summed, None if norm is None else norm.weight,
         0.0 if norm is None else norm.eps, N, K, PROLOGUE="swiglu" if swiglu else "none" if norm is None else "norm",
         BLOCK_N=4, BLOCK_K=block_k, num_warps=min(8, max(1, block_k // 1024)), **pdl(x))
     return out if norm is None else (out, summed)
@@ -389,8 +389,7 @@ class Attention(nn.Module):
         q_size, kv_size = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
         self.qkv_proj = MergedColumnParallelLinear(cfg.hidden_size, [q_size, kv_size, kv_size], tp, cfg.qkv_bias)
         self.o_proj = RowParallelLinear(q_size, cfg.hidden_size, tp, cfg.attention_bias)  # attention_bias: q, k, v, o
-        # Qwen3's per-head q/k norms (Qwen2 and Llama have none): their weights go to paged_attention, whose kernels
-        # fuse them with RoPE and the cache write
+        # Qwen3's per-head q/k norms (Qwen2 and Llama have none): paged_attention fuses them with RoPE and the store
         self.q_norm, self.k_norm = (RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None for _ in range(2))
         self.k_cache = self.v_cache = torch.tensor([])  # bound to this layer's slices of the engine's cache later
 
@@ -606,8 +605,7 @@ class AttnMeta:
 
 
 def qk_norm_rope_store_reference(qkv, q_norm, k_norm, eps, positions, cos_sin, k_cache, v_cache, slot_mapping):
-    # qkv (N, (heads + 2 kv_heads) * hd): Qwen3 normalises each q and k head (q_norm, k_norm None: Qwen2 and Llama do
-    # not), then RoPE; k and v go to the cache
+    # qkv (N, (heads + 2 kv_heads) * hd): q and k heads normalised (Qwen3; None: Qwen2, Llama), rotated; k, v cached
     kv_heads, head_dim = k_cache.shape[2:]
     q, k, v = qkv.unflatten(1, (-1, head_dim)).split([qkv.shape[1] // head_dim - 2 * kv_heads, kv_heads, kv_heads], 1)
     if q_norm is not None:
@@ -1187,9 +1185,8 @@ class ModelRunner:
         return getattr(self, method)(*args)
 
     def loop(self):  # ranks 1..N-1: run rank 0's commands until "exit"
-        method = None
-        while method != "exit":
-            command = [None]
+        command = [(None, ())]  # (method, args): each broadcast of rank 0 fills it in
+        while command[0][0] != "exit":
             dist.broadcast_object_list(command, src=self.tp.first, group=self.tp.control)
             method, args = command[0]
             getattr(self, method)(*args)
@@ -1458,8 +1455,7 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
             self.runner.call("exit")
         workers, self.workers = self.workers, []  # a second exit() finds none
         self.runner = self.pending = None
-        for request_id in list(self.requests):  # so a later step() has nothing to run
-            self.abort(request_id)
+        self.abort(*self.requests)  # so a later step() has nothing to run
         for w in workers:
             w.join(timeout=0.5 if abrupt else 5)
         # a worker's traceback, or the exit code of one that ended by itself without a word (killed, say)
@@ -1526,11 +1522,16 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
         self.stats["prompt_tokens"] += seq.num_prompt_tokens
         return seq.request_id
 
-    def abort(self, request_id):
-        seq = self.requests.pop(request_id, None)
-        if seq is not None and not seq.is_finished:
-            self.scheduler.remove(seq)
-            seq.finish_reason, seq.placeholder = "abort", None  # a token still on the GPU is dropped
+    def abort(self, *request_ids):  # each unfinished one leaves its queue, and its blocks are freed
+        # Ctrl-C is ignored meanwhile: a second one in generate()'s clean-up, landing after a request left its queue
+        # and before its blocks were freed, lost them for good. Only the main thread handles signals and sets handlers.
+        with ExitStack() as on_exit:
+            if threading.current_thread() is threading.main_thread():  # ignored now, the old handler back on exit
+                on_exit.callback(signal.signal, signal.SIGINT, signal.signal(signal.SIGINT, signal.SIG_IGN))
+            for seq in [self.requests.pop(request_id, None) for request_id in request_ids]:
+                if seq is not None and not seq.is_finished:
+                    self.scheduler.remove(seq)
+                    seq.finish_reason, seq.placeholder = "abort", None  # a token still on the GPU is dropped
 
     def is_finished(self):
         return not self.scheduler.waiting and not self.scheduler.running and self.pending is None
@@ -1548,8 +1549,7 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
         self.ids_overwritten = True  # until this step's sample is the pending one
         ids = self.call("run", self.runner.prepare(batch))  # sampled on the device; None on other ranks, or no rows
         rows = [seq for seq in batch if seq.num_computed_tokens + seq.num_scheduled_tokens == len(seq)]
-        # the sampled ids' copy on its way to the host (into pinned memory, without waiting; a copy on a CPU too, as
-        # the runner reuses ids' memory), and its event
+        # the ids' copy to the host and its event (pinned, not waited for; on CPUs a copy too: the runner reuses ids)
         host = ids.to("cpu", non_blocking=True, copy=True) if rows else None
         copied = torch.cuda.current_stream().record_event() if rows and ids.is_cuda else None
         done += self.resolve()  # step N's ids: queued for the host before step N+1's work
@@ -1611,10 +1611,9 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
                 if prefill or decode:  # the last step may only read the last ids back ("decode 0 tok/s" at the end)
                     rates["prefill" if prefill else "decode"] = (prefill or decode) / (time.perf_counter() - t)
                 bar.set_postfix_str(", ".join(f"{k} {v:,.0f} tok/s" for k, v in rates.items()), refresh=False)
-        finally:
+        finally:  # after an interruption: drop what is left, the engine stays usable
+            self.abort(*[seq.request_id for seq in seqs])
             bar.close()
-            for seq in seqs:  # after an interruption: drop what is left, the engine stays usable
-                self.abort(seq.request_id)
 
     def stream(self, prompt, sampling_params=None):  # yields text pieces; other streams and generate() share the steps
         # checked now, queued when first read: a stream dropped unread never starts (its finally would never run)

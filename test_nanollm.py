@@ -5,8 +5,10 @@ import multiprocessing
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -823,6 +825,46 @@ def test_a_ctrl_c_at_any_point_of_the_bookkeeping_loses_no_block(checkpoints, hf
         assert all(b.ref_count == 0 for b in bm.blocks) and len(bm.free) == len(bm.blocks) == 5, f"point {target}"
     target = 0
     assert run() == expected
+
+
+def test_a_second_ctrl_c_during_the_clean_up_loses_no_block(checkpoints, hf_models):
+    # A user presses Ctrl-C twice: the second lands while generate() aborts its requests after the first, just after
+    # a request left the running list and before its blocks are released (a real SIGINT, raised there). Those blocks
+    # were lost for good, and a later request that needed them waited forever; now the clean-up ignores it.
+    llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=16)
+    prompts = random_prompts([30, 45, 20], seed=8)
+    expected = [hf_greedy(hf_models["gqa2-untied"], p, 12) for p in prompts]
+    step, release, pressed = llm.step, llm.scheduler.block_manager.release, []
+
+    def first_ctrl_c():  # after two steps: each request holds blocks, and none has finished
+        if llm.stats["steps"] == 2:
+            raise KeyboardInterrupt
+        return step()
+
+    def release_after_second_ctrl_c(seq):
+        if not pressed:
+            pressed.append(seq)
+            signal.raise_signal(signal.SIGINT)  # Python raises its KeyboardInterrupt as this call returns
+        release(seq)
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever started pytest
+    try:
+        llm.step, llm.scheduler.block_manager.release = first_ctrl_c, release_after_second_ctrl_c
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate(prompts, GREEDY, use_tqdm=False)
+        assert pressed and signal.getsignal(signal.SIGINT) is signal.default_int_handler  # pressed, and restored
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        del llm.step, llm.scheduler.block_manager.release
+    assert not llm.requests and not llm.scheduler.running and not llm.scheduler.waiting
+    bm = llm.scheduler.block_manager
+    assert all(b.ref_count == 0 for b in bm.blocks) and len(bm.free) == len(bm.blocks)  # checked before any wait
+    assert [out["token_ids"] for out in llm.generate(prompts, GREEDY, use_tqdm=False)] == expected
+    # the clean-up runs on any thread (only the main one may set a signal handler)
+    results = []
+    thread = threading.Thread(target=lambda: results.append(llm.generate(prompts, GREEDY, use_tqdm=False)))
+    thread.start()
+    thread.join()
+    assert [out["token_ids"] for out in results[0]] == expected
 
 
 def test_interrupt_during_admission_frees_the_claimed_prefix(checkpoints, hf_models):
