@@ -716,6 +716,20 @@ def test_step_level_api(checkpoints, hf_models):
     assert [tokens[i] for i in ids] == [hf_greedy(hf_models["gqa2-untied"], p, 12) for p in prompts]
 
 
+def test_abort_takes_many_ids_and_skips_finished_and_unknown_ones(checkpoints):
+    llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64, max_num_seqs=1)
+    finished = llm.requests[llm.add_request([1, 2, 3], replace(GREEDY, max_tokens=1))]
+    while not finished.is_finished:
+        llm.step()
+    running, waiting = [llm.requests[llm.add_request(p, GREEDY)] for p in random_prompts([9, 40], seed=4)]
+    llm.step()  # one sequence at a time: one runs, holding blocks, and the other waits
+    assert llm.scheduler.running == [running] and list(llm.scheduler.waiting) == [waiting] and running.block_table
+    llm.abort(finished.request_id, waiting.request_id, running.request_id, 12345)
+    assert [s.finish_reason for s in (finished, waiting, running)] == ["length", "abort", "abort"]
+    llm.step()  # reads back the last step's ids: the aborted rows get none
+    assert_all_blocks_free(llm)
+
+
 def test_abort_and_interrupt_while_a_token_is_in_flight(checkpoints, hf_models):
     # The host runs a step ahead: a request aborted while its newest token is still on the GPU gets no more
     # tokens and is not reported again; an interrupt inside resolve() loses nothing for the other requests.
