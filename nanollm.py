@@ -1524,9 +1524,10 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
 
     def abort(self, *request_ids):  # each unfinished one leaves its queue, and its blocks are freed
         # Ctrl-C is ignored meanwhile: a second one in generate()'s clean-up, landing after a request left its queue
-        # and before its blocks were freed, lost them for good. Only the main thread handles signals and sets handlers.
+        # and before its blocks were freed, lost them for good. Only the main thread handles signals and sets handlers;
+        # the old one is put back on exit. A handler set outside Python (getsignal: None) could not be: left alone.
         with ExitStack() as on_exit:
-            if threading.current_thread() is threading.main_thread():  # ignored now, the old handler back on exit
+            if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not None:
                 on_exit.callback(signal.signal, signal.SIGINT, signal.signal(signal.SIGINT, signal.SIG_IGN))
             for seq in [self.requests.pop(request_id, None) for request_id in request_ids]:
                 if seq is not None and not seq.is_finished:

@@ -881,6 +881,17 @@ def test_a_second_ctrl_c_during_the_clean_up_loses_no_block(checkpoints, hf_mode
     assert [out["token_ids"] for out in results[0]] == expected
 
 
+def test_abort_leaves_a_ctrl_c_handler_set_outside_python_alone(checkpoints, monkeypatch):
+    # getsignal() gives None for a handler a host program set in C; signal.signal(SIGINT, None) would then raise
+    # TypeError in every clean-up, so abort() must not swap it
+    llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
+    swaps = []
+    monkeypatch.setattr(signal, "getsignal", lambda signum: None)
+    monkeypatch.setattr(signal, "signal", lambda *args: swaps.append(args))
+    llm.abort(llm.add_request([1, 2, 3], GREEDY))
+    assert llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0]["finish_reason"] == "length" and not swaps
+
+
 def test_interrupt_during_admission_frees_the_claimed_prefix(checkpoints, hf_models):
     # Ctrl-C after a waiting sequence claimed its cached prefix, before the admission check: generate() aborts it,
     # and its claimed blocks come back (they stayed held: the cache lost them for good)
