@@ -356,7 +356,8 @@ def gemv(x, weight, norm=None, residual=None, swiglu=False, bias=None):  # x (1,
     # 4 outputs per program; a warp per 1,024 columns of a tile (fastest at Qwen3-0.6B's four shapes on an H200,
     # although for sm_90 every such tile spills 184-448 bytes a thread to the stack: 2 outputs of 1,024 did not)
     block_k = triton.next_power_of_2(K) if norm is not None else min(4096, triton.next_power_of_2(K))
-    _gemv_kernel[(cdiv(N, 4),)](x, weight, bias, out, residual, summed, None if norm is None else norm.weight,
+    _gemv_kernel[(cdiv(N, 4),)](
+        x, weight, bias, out, residual, summed, None if norm is None else norm.weight,
         0.0 if norm is None else norm.eps, N, K, PROLOGUE="swiglu" if swiglu else "none" if norm is None else "norm",
         BLOCK_N=4, BLOCK_K=block_k, num_warps=min(8, max(1, block_k // 1024)), **pdl(x))
     return out if norm is None else (out, summed)
@@ -389,7 +390,7 @@ class Attention(nn.Module):
         q_size, kv_size = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
         self.qkv_proj = MergedColumnParallelLinear(cfg.hidden_size, [q_size, kv_size, kv_size], tp, cfg.qkv_bias)
         self.o_proj = RowParallelLinear(q_size, cfg.hidden_size, tp, cfg.attention_bias)  # attention_bias: q, k, v, o
-        # Qwen3's per-head q/k norms (Qwen2 and Llama have none): paged_attention fuses them with RoPE and the store
+        # Qwen3's per-head q/k norms (not in Qwen2, Llama): paged_attention fuses them with RoPE and the cache write
         self.q_norm, self.k_norm = (RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None for _ in range(2))
         self.k_cache = self.v_cache = torch.tensor([])  # bound to this layer's slices of the engine's cache later
 
@@ -553,8 +554,7 @@ class ForCausalLM(nn.Module):  # module paths = checkpoint keys; packed parts lo
 
     def load_weights(self, path, tied):
         from safetensors import safe_open
-        files = sorted(Path(path).glob("*.safetensors"))
-        if not files:
+        if not (files := sorted(Path(path).glob("*.safetensors"))):
             raise FileNotFoundError(f"no *.safetensors files in {path!r} (pickled .bin checkpoints are not loaded)")
         params = dict(self.named_parameters())
         # what must load: (name, expert, part) for each part (q, k, v; gate, up) of each expert's slice
@@ -605,7 +605,8 @@ class AttnMeta:
 
 
 def qk_norm_rope_store_reference(qkv, q_norm, k_norm, eps, positions, cos_sin, k_cache, v_cache, slot_mapping):
-    # qkv (N, (heads + 2 kv_heads) * hd): q and k heads normalised (Qwen3; None: Qwen2, Llama), rotated; k, v cached
+    # qkv (N, (heads + 2 kv_heads) * hd): each q and k head normalised (Qwen3; q_norm None: Qwen2, Llama), then RoPE;
+    # -> q, with k and v written to the cache
     kv_heads, head_dim = k_cache.shape[2:]
     q, k, v = qkv.unflatten(1, (-1, head_dim)).split([qkv.shape[1] // head_dim - 2 * kv_heads, kv_heads, kv_heads], 1)
     if q_norm is not None:
@@ -662,10 +663,9 @@ def _norm_rope(ptrs, mask, weight_ptr, cos_sin_ptr, pos, eps, HEAD_DIM: tl.const
 def _qk_norm_rope_store_kernel(qkv_ptr, q_ptr, q_norm_ptr, k_norm_ptr, cos_sin_ptr, positions_ptr, slot_mapping_ptr,
                                k_cache_ptr, v_cache_ptr, eps, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
                                HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
-    # grid: (num_tokens,). A program reads one token's row of qkv, [q heads | k heads | v heads] x head_dim, and
-    # writes q normalised (if norm pointers are given) and rotated to q_ptr (N, heads, head_dim), k likewise and v as
-    # it is to the token's slot. GPU steps with more than one token a sequence run it; one-token steps (decode) have
-    # the attention kernel do this work itself.
+    # grid: (num_tokens,). A program reads one token's row of qkv, [q heads | k heads | v heads] x head_dim, and writes
+    # q normalised (if norm pointers are given) and rotated to q_ptr (N, heads, head_dim), k likewise and v as it is to
+    # the token's slot. GPU steps of more than one token a sequence run it; in decode steps attention does this itself.
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token)
     row = qkv_ptr + token * (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM
@@ -775,9 +775,8 @@ def _decode_attention_kernel(
         GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
         UPCAST: tl.constexpr, PDL: tl.constexpr):
     # grid: (num_kv_heads, batch, NUM_SPLITS), whatever the context lengths (CUDA-graph safe). A sequence's new token
-    # sits at position context_len - 1, its row of qkv as qk_norm_rope_store reads it, and this kernel does that
-    # kernel's work too. A kv head's GROUP query heads form one (GROUP_PAD, HEAD_DIM) tile (padding rows masked):
-    # each K/V tile is read once for all.
+    # sits at position context_len - 1, its qkv row as qk_norm_rope_store reads it, and this kernel does that kernel's
+    # work too. A kv head's GROUP query heads are one (GROUP_PAD, HEAD_DIM) tile (padding rows masked): K/V read once.
     kv_head, seq, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if PDL:  # see pdl()
         gdc_launch_dependents()
@@ -1185,8 +1184,9 @@ class ModelRunner:
         return getattr(self, method)(*args)
 
     def loop(self):  # ranks 1..N-1: run rank 0's commands until "exit"
-        command = [(None, ())]  # (method, args): each broadcast of rank 0 fills it in
-        while command[0][0] != "exit":
+        method = None
+        while method != "exit":
+            command = [None]
             dist.broadcast_object_list(command, src=self.tp.first, group=self.tp.control)
             method, args = command[0]
             getattr(self, method)(*args)
@@ -1506,8 +1506,8 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
         if len(token_ids) >= self.config.max_model_len:  # it must leave room for one new token
             raise ValueError(f"prompt too long: {len(token_ids)} tokens >= max_model_len={self.config.max_model_len}")
         longest = min(len(token_ids) + int(params.max_tokens), self.config.max_model_len)
-        need = cdiv(longest - 1, self.config.kvcache_block_size)  # - 1: nothing is computed from the last token
-        if need > self.num_kvcache_blocks:
+        # the blocks it needs at its longest (- 1: nothing is computed from the last token)
+        if (need := cdiv(longest - 1, self.config.kvcache_block_size)) > self.num_kvcache_blocks:
             raise ValueError(f"could never run: {need} KV-cache blocks needed, the cache has {self.num_kvcache_blocks}")
         return Sequence(next(self.request_ids), token_ids, params)
 
@@ -1523,14 +1523,13 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
         return seq.request_id
 
     def abort(self, *request_ids):  # each unfinished one leaves its queue, and its blocks are freed
-        # Ctrl-C is ignored meanwhile: a second one in generate()'s clean-up, landing after a request left its queue
-        # and before its blocks were freed, lost them for good. Only the main thread handles signals and sets handlers;
-        # the old one is put back on exit. A handler set outside Python (getsignal: None) could not be: left alone.
+        # Ctrl-C is ignored until done: a second one in generate()'s clean-up, landing between a request leaving its
+        # queue and its blocks' release, lost them for good. Main thread only; a handler set in C (None) is kept.
         with ExitStack() as on_exit:
             if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not None:
                 on_exit.callback(signal.signal, signal.SIGINT, signal.signal(signal.SIGINT, signal.SIG_IGN))
-            for seq in [self.requests.pop(request_id, None) for request_id in request_ids]:
-                if seq is not None and not seq.is_finished:
+            for request_id in request_ids:
+                if (seq := self.requests.pop(request_id, None)) is not None and not seq.is_finished:
                     self.scheduler.remove(seq)
                     seq.finish_reason, seq.placeholder = "abort", None  # a token still on the GPU is dropped
 
@@ -1550,7 +1549,8 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
         self.ids_overwritten = True  # until this step's sample is the pending one
         ids = self.call("run", self.runner.prepare(batch))  # sampled on the device; None on other ranks, or no rows
         rows = [seq for seq in batch if seq.num_computed_tokens + seq.num_scheduled_tokens == len(seq)]
-        # the ids' copy to the host and its event (pinned, not waited for; on CPUs a copy too: the runner reuses ids)
+        # the sampled ids' copy to the host (into pinned memory, not waited for; on a CPU a copy too, as the runner
+        # reuses ids' memory), and its event
         host = ids.to("cpu", non_blocking=True, copy=True) if rows else None
         copied = torch.cuda.current_stream().record_event() if rows and ids.is_cuda else None
         done += self.resolve()  # step N's ids: queued for the host before step N+1's work

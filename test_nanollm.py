@@ -724,7 +724,9 @@ def test_abort_takes_many_ids_and_skips_finished_and_unknown_ones(checkpoints):
     running, waiting = [llm.requests[llm.add_request(p, GREEDY)] for p in random_prompts([9, 40], seed=4)]
     llm.step()  # one sequence at a time: one runs, holding blocks, and the other waits
     assert llm.scheduler.running == [running] and list(llm.scheduler.waiting) == [waiting] and running.block_table
+    llm.requests[finished.request_id] = finished  # finished but still listed (a Ctrl-C inside resolve() can do that)
     llm.abort(finished.request_id, waiting.request_id, running.request_id, 12345)
+    assert not llm.requests
     assert [s.finish_reason for s in (finished, waiting, running)] == ["length", "abort", "abort"]
     llm.step()  # reads back the last step's ids: the aborted rows get none
     assert_all_blocks_free(llm)
