@@ -1533,8 +1533,8 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
                     self.scheduler.remove(seq)
                     seq.finish_reason, seq.placeholder = "abort", None  # a token still on the GPU is dropped
 
-    def is_finished(self):
-        return not self.scheduler.waiting and not self.scheduler.running and self.pending is None
+    def is_finished(self):  # every request finished or aborted (a pending sample may still hold aborted rows' ids)
+        return not self.scheduler.waiting and not self.scheduler.running and not self.requests
 
     # ---- one step of the engine: schedule, run the model, sample, update the sequences
     # The host runs one step ahead of the GPU: step N+1 is launched before step N's sampled ids are read back, so the
