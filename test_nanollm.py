@@ -934,7 +934,8 @@ def test_exit_ends_every_request(checkpoints):
     assert llm.is_finished() and not llm.requests
 
 
-def test_cli_demo_runs_offline(capsys):
+def test_cli_demo_runs_offline(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the demo checkpoint goes where pytest cleans up
     nanollm.main(["--max-tokens", "5", "--temperature", "0", "--prompt", "hi", "--chat"])
     out = capsys.readouterr().out
     assert "RANDOM weights" in out and "Completion:" in out
@@ -954,7 +955,8 @@ def test_cli_prompts_do_not_apply_to_a_job(tmp_path, capsys, flags):  # a job li
     assert "without --chat or --prompt" in capsys.readouterr().err  # (the usage line names both anyway)
 
 
-def test_cli_chat_applies_the_template_to_prompts(capsys):
+def test_cli_chat_applies_the_template_to_prompts(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     nanollm.main(["--max-tokens", "2", "--temperature", "0", "--prompt", "hi", "--chat"])
     assert "Prompt: '<|im_start|>user\\nhi<|im_end|>\\n<|im_start|>assistant\\n'" in capsys.readouterr().out
 
