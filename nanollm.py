@@ -1486,8 +1486,9 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
         return self.call("rpc", fn, args)
 
     # ---- requests
-    def chat_prompt(self, messages):  # the chat template applied, ending where the assistant's reply starts
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def chat_prompt(self, messages):  # -> token ids: the chat template applied, up to the assistant's reply
+        # ids, as HF tokenizes a template: its own special tokens only (as text, a template without BOS got one added)
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
 
     def make_sequence(self, prompt, params):  # validate before any work, so a bad request changes nothing
         if not isinstance(params, SamplingParams):
@@ -1783,9 +1784,8 @@ def main(argv=None):
                 chat(llm, params)
             else:
                 prompts = args.prompt or ["Introduce yourself.", "List all prime numbers within 100."]
-                if args.chat:
-                    prompts = [llm.chat_prompt([{"role": "user", "content": q}]) for q in prompts]
-                results = llm.generate(prompts[dp_rank::dp_size], params)  # group g takes prompts g, g+dp, ...
+                inputs = [llm.chat_prompt([{"role": "user", "content": q}]) for q in prompts] if args.chat else prompts
+                results = llm.generate(inputs[dp_rank::dp_size], params)  # group g takes prompts g, g+dp, ...
     if dp_size > 1:  # gather every group's results on rank 0, back in prompt order
         gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object(results, gathered, dst=0, group=results_group)

@@ -956,9 +956,19 @@ def test_cli_prompts_do_not_apply_to_a_job(tmp_path, capsys, flags):  # a job li
 
 
 def test_cli_chat_applies_the_template_to_prompts(capsys, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    generate, prompts = LLM.generate, []
+
+    def recorded(llm, inputs, *args):
+        prompts.extend(inputs)
+        return generate(llm, inputs, *args)
+    monkeypatch.setattr(LLM, "generate", recorded)
     nanollm.main(["--max-tokens", "2", "--temperature", "0", "--prompt", "hi", "--chat"])
-    assert "Prompt: '<|im_start|>user\\nhi<|im_end|>\\n<|im_start|>assistant\\n'" in capsys.readouterr().out
+    assert "Prompt: 'hi'\nCompletion: " in capsys.readouterr().out  # as the user wrote it
+    tokenizer = AutoTokenizer.from_pretrained(next(tmp_path.glob("nanollm-demo-*")))
+    assert prompts == [tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                                     tokenize=True, return_dict=True)["input_ids"]]
 
 
 def test_llama3_style_tokenizer(checkpoints, tmp_path):
@@ -972,15 +982,24 @@ def test_llama3_style_tokenizer(checkpoints, tmp_path):
     tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", special_tokens=[(bos, tokenizer.convert_tokens_to_ids(bos))])
     tokenizer.bos_token, tokenizer.clean_up_tokenization_spaces = bos, True
-    tokenizer.chat_template = "{{ bos_token }}" + tokenizer.chat_template
+    chatml = tokenizer.chat_template
+    tokenizer.chat_template = "{{ bos_token }}" + chatml
     tokenizer.save_pretrained(path)
     llm = LLM(str(path), kvcache_block_size=16, num_kvcache_blocks=64)
     messages = [{"role": "user", "content": "hi"}]
     chat_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    chat_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     text = "Hello , world . Streams only append ."
-    for prompt, expected in [(llm.chat_prompt(messages), list(chat_ids["input_ids"])), (text, tokenizer.encode(text))]:
+    for prompt, expected in [(llm.chat_prompt(messages), list(chat_ids["input_ids"])), (text, tokenizer.encode(text)),
+                             (chat_text, list(chat_ids["input_ids"]))]:  # a template's text: no second BOS
         seq = llm.requests[llm.add_request(prompt, GREEDY)]
         assert seq.token_ids == expected and expected.count(tokenizer.bos_token_id) == 1  # one BOS, as HF gives
+    # a template without BOS on this tokenizer (unsloth's "chatml" on Llama 3): none, as HF tokenizes it (as text it
+    # got one from encode())
+    llm.tokenizer.chat_template = tokenizer.chat_template = chatml
+    chat_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    seq = llm.requests[llm.add_request(llm.chat_prompt(messages), GREEDY)]
+    assert seq.token_ids == list(chat_ids["input_ids"]) and tokenizer.bos_token_id not in seq.token_ids
     # what stream() relies on: decoding more tokens only appends text
     assert llm.tokenizer.decode(llm.tokenizer.encode(text), skip_special_tokens=True) == text
     params = SamplingParams(temperature=1.0, seed=5, max_tokens=40, ignore_eos=True)
