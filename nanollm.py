@@ -1486,9 +1486,9 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
         return self.call("rpc", fn, args)
 
     # ---- requests
-    def chat_prompt(self, messages):  # -> token ids: the chat template applied, up to the assistant's reply
-        # ids, as HF tokenizes a template: its own special tokens only (as text, a template without BOS got one added)
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    def chat_prompt(self, messages, **kwargs):  # -> token ids up to the reply; kwargs: Qwen3's enable_thinking=...
+        # tokenized as HF does: only the template's special tokens (its text got a BOS added where it had none)
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False, **kwargs)
 
     def make_sequence(self, prompt, params):  # validate before any work, so a bad request changes nothing
         if not isinstance(params, SamplingParams):

@@ -1006,6 +1006,20 @@ def test_llama3_style_tokenizer(checkpoints, tmp_path):
     assert "".join(llm.stream(text, params)) == llm.generate([text], params, use_tqdm=False)[0]["text"]
 
 
+def test_chat_prompt_passes_its_keywords_to_the_template(checkpoints, tmp_path):
+    # Qwen3's template takes enable_thinking=False: it then writes an empty think block, and the model answers at once
+    from transformers import AutoTokenizer
+    path = shutil.copytree(checkpoints["gqa2-untied"], tmp_path / "thinking")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template += "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}"
+    tokenizer.save_pretrained(path)
+    llm = LLM(str(path), kvcache_block_size=16, num_kvcache_blocks=64)
+    messages = [{"role": "user", "content": "hi"}]
+    expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=False, tokenize=True,
+                                             return_dict=True)["input_ids"]
+    assert llm.chat_prompt(messages, enable_thinking=False) == expected != llm.chat_prompt(messages)
+
+
 # ---------------------------------------------------------------- Triton kernels against the torch reference
 # On a CPU these run through TRITON_INTERPRET=1 at tiny shapes; on a GPU the same tests run compiled.
 
