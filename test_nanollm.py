@@ -96,6 +96,11 @@ def hf_greedy(hf, prompt, max_tokens):
     return out[0, len(prompt):].tolist()
 
 
+def hf_chat_ids(tokenizer, messages, **template_kwargs):  # the reference: HF's token ids of the chat template
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                              **template_kwargs)["input_ids"])
+
+
 def random_prompts(lengths, seed=0, vocab=512):
     rng = random.Random(seed)
     return [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
@@ -967,8 +972,7 @@ def test_cli_chat_applies_the_template_to_prompts(capsys, tmp_path, monkeypatch)
     nanollm.main(["--max-tokens", "2", "--temperature", "0", "--prompt", "hi", "--chat"])
     assert "Prompt: 'hi'\nCompletion: " in capsys.readouterr().out  # as the user wrote it
     tokenizer = AutoTokenizer.from_pretrained(next(tmp_path.glob("nanollm-demo-*")))
-    assert prompts == [tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
-                                                     tokenize=True, return_dict=True)["input_ids"]]
+    assert prompts == [hf_chat_ids(tokenizer, [{"role": "user", "content": "hi"}])]
 
 
 def test_llama3_style_tokenizer(checkpoints, tmp_path):
@@ -987,19 +991,18 @@ def test_llama3_style_tokenizer(checkpoints, tmp_path):
     tokenizer.save_pretrained(path)
     llm = LLM(str(path), kvcache_block_size=16, num_kvcache_blocks=64)
     messages = [{"role": "user", "content": "hi"}]
-    chat_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    chat_ids = hf_chat_ids(tokenizer, messages)
     chat_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     text = "Hello , world . Streams only append ."
-    for prompt, expected in [(llm.chat_prompt(messages), list(chat_ids["input_ids"])), (text, tokenizer.encode(text)),
-                             (chat_text, list(chat_ids["input_ids"]))]:  # a template's text: no second BOS
+    for prompt, expected in [(llm.chat_prompt(messages), chat_ids), (text, tokenizer.encode(text)),
+                             (chat_text, chat_ids)]:  # a template's text: no second BOS
         seq = llm.requests[llm.add_request(prompt, GREEDY)]
         assert seq.token_ids == expected and expected.count(tokenizer.bos_token_id) == 1  # one BOS, as HF gives
     # a template without BOS on this tokenizer (unsloth's "chatml" on Llama 3): none, as HF tokenizes it (as text it
     # got one from encode())
     llm.tokenizer.chat_template = tokenizer.chat_template = chatml
-    chat_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     seq = llm.requests[llm.add_request(llm.chat_prompt(messages), GREEDY)]
-    assert seq.token_ids == list(chat_ids["input_ids"]) and tokenizer.bos_token_id not in seq.token_ids
+    assert seq.token_ids == hf_chat_ids(tokenizer, messages) and tokenizer.bos_token_id not in seq.token_ids
     # what stream() relies on: decoding more tokens only appends text
     assert llm.tokenizer.decode(llm.tokenizer.encode(text), skip_special_tokens=True) == text
     params = SamplingParams(temperature=1.0, seed=5, max_tokens=40, ignore_eos=True)
@@ -1015,8 +1018,7 @@ def test_chat_prompt_passes_its_keywords_to_the_template(checkpoints, tmp_path):
     tokenizer.save_pretrained(path)
     llm = LLM(str(path), kvcache_block_size=16, num_kvcache_blocks=64)
     messages = [{"role": "user", "content": "hi"}]
-    expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=False, tokenize=True,
-                                             return_dict=True)["input_ids"]
+    expected = hf_chat_ids(tokenizer, messages, enable_thinking=False)
     assert llm.chat_prompt(messages, enable_thinking=False) == expected != llm.chat_prompt(messages)
 
 
@@ -1680,10 +1682,9 @@ def test_progress_bar_ends_with_the_last_rates(checkpoints, capsys):
 
 def test_chat_second_turn_hits_prefix_cache(checkpoints, capsys):
     llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
-    lines = iter(["Tell me about paged attention and its blocks, please.", "And about prefix caching?", ""])
-    first_prompt = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Tell me about paged attention and its blocks, please."}], tokenize=False,
-        add_generation_prompt=True))
+    question = "Tell me about paged attention and its blocks, please."
+    lines = iter([question, "And about prefix caching?", ""])
+    first_prompt = hf_chat_ids(llm.tokenizer, [{"role": "user", "content": question}])
     nanollm.chat(llm, SamplingParams(temperature=0, max_tokens=12), read=lambda _: next(lines))
     assert llm.stats["cached_prompt_tokens"] >= len(first_prompt) // 16 * 16 > 0  # turn 2 reused turn 1
     assert "prefix cache" in capsys.readouterr().out
