@@ -1676,8 +1676,8 @@ def build_random_checkpoint(path, seed=0, dtype=torch.float32, architecture="Qwe
 def run_job(llm, input_path, output_path, defaults, shard=(0, 1), use_tqdm=True):
     # Input lines: {"id": ..., "prompt": ... | "messages": [...], optional sampling fields}. Results are appended as
     # requests finish; ids already in the output are skipped (a rerun resumes); shard (g, n): every n-th line from g.
-    done = set()
-    with suppress(FileNotFoundError), open(output_path) as f:  # no output file yet: nothing is done
+    done = set()  # read from a file only: a pipe or terminal (--output /dev/stdout) is written to, never read
+    with open(output_path if os.path.isfile(output_path) else os.devnull, errors="replace") as f:
         for line in f:
             with suppress(ValueError, KeyError, TypeError):  # a line cut short by a crash: its request runs again
                 done.add(json.dumps(json.loads(line)["id"]))
@@ -1708,7 +1708,7 @@ def run_job(llm, input_path, output_path, defaults, shard=(0, 1), use_tqdm=True)
     print(f"{output_path}: {len(done)} results already there, {len(jobs)} to go", file=sys.stderr)
     ids = {seq.request_id: json.loads(key) for key, seq in jobs.items()}  # request id -> the line's id
     with open(output_path, "a+b", buffering=0) as out:  # unbuffered: each write() goes straight to the file
-        if out.seek(0, os.SEEK_END) and os.pread(out.fileno(), 1, out.tell() - 1) != b"\n":
+        if out.seekable() and out.seek(0, os.SEEK_END) and os.pread(out.fileno(), 1, out.tell() - 1) != b"\n":
             out.write(b"\n")  # end a line cut short by a crash before appending
 
         def write(seq):  # one write() per line: a kill never leaves half a new line behind

@@ -1839,10 +1839,23 @@ def test_job_takes_its_shard_and_ends_a_line_cut_short(checkpoints, tmp_path):
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"id": i, "prompt": f"q {i}"}) + "\n" for i in range(5)))
     nanollm.run_job(llm, tmp_path / "in.jsonl", tmp_path / "shard.jsonl", GREEDY, shard=(1, 2), use_tqdm=False)
     assert sorted(json.loads(line)["id"] for line in (tmp_path / "shard.jsonl").read_text().splitlines()) == [1, 3]
-    (tmp_path / "out.jsonl").write_text('{"id": 0, "text": "cut sh')  # a crash in mid-write
+    (tmp_path / "out.jsonl").write_bytes(b'\xff\n{"id": 0, "text": "cut sh')  # not UTF-8; a crash in mid-write
     nanollm.run_job(llm, tmp_path / "in.jsonl", tmp_path / "out.jsonl", GREEDY, use_tqdm=False)
-    lines = (tmp_path / "out.jsonl").read_text().splitlines()
+    lines = (tmp_path / "out.jsonl").read_bytes().splitlines()[1:]
     assert sorted(json.loads(line)["id"] for line in lines[1:]) == [0, 1, 2, 3, 4]  # the cut line ended, not glued
+
+
+def test_job_output_to_a_pipe(checkpoints, tmp_path):  # --output /dev/stdout | ...: reading it for done ids hung
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"id": i, "prompt": f"q {i}"}) + "\n" for i in range(3)))
+    engine = dict(kvcache_block_size=16, num_kvcache_blocks=64)
+    piped = run_cli("--model", checkpoints["gqa2-untied"], "--device", "cpu", "--temperature", "0", "--ignore-eos",
+                    "--max-tokens", "12", "--kvcache-block-size", "16", "--num-kvcache-blocks", "64",
+                    "--input", str(tmp_path / "in.jsonl"), "--output", "/dev/stdout", timeout=120)  # stdout: a pipe
+    assert piped.returncode == 0, piped.stderr[-2000:]
+    assert "0 results already there, 3 to go" in piped.stderr
+    results = sorted((json.loads(line) for line in piped.stdout.splitlines()), key=lambda r: r["id"])
+    expected = LLM(checkpoints["gqa2-untied"], **engine).generate(["q 0", "q 1", "q 2"], GREEDY, use_tqdm=False)
+    assert [r["token_ids"] for r in results] == [e["token_ids"] for e in expected]
 
 
 def test_ctrl_c_ends_every_process(checkpoints):
