@@ -1768,8 +1768,8 @@ def main(argv=None):
     parallel, dp_rank, dp_size = None, 0, 1  # torchrun: this rank's TP group, its DP group's index, how many DP groups
     if (world := int(os.environ.get("WORLD_SIZE", 1))) > 1:  # torchrun started this many processes
         tp, rank = config.tensor_parallel_size, int(os.environ["RANK"])
-        if world % tp:
-            raise ValueError(f"torchrun world size {world} is not a multiple of tensor_parallel_size {tp}")
+        if world % tp or (args.chat and not args.prompt and world > tp):  # a chat reads one stdin: one group
+            raise ValueError(f"torchrun world size {world} must be tensor_parallel_size {tp} x N (N = 1 for a chat)")
         parallel = init_parallel(config, rank, world_size=world, local_rank=int(os.environ["LOCAL_RANK"]))
         dp_rank, dp_size = rank // tp, world // tp
         results_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)  # for the gather at the end

@@ -1620,7 +1620,7 @@ def run_cli(*args, torchrun=0, timeout=300):
     import sys
     launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={torchrun}"] if torchrun else [])
     return subprocess.run(launcher + [nanollm.__file__, *args], capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                          stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
 
 def test_torchrun_data_parallel_equals_one_process(checkpoints):
@@ -1634,6 +1634,12 @@ def test_torchrun_data_parallel_equals_one_process(checkpoints):
     completions = [line for line in single.stdout.splitlines() if line.startswith(("Prompt:", "Completion:"))]
     assert len(completions) == 10 and completions == [line for line in dp.stdout.splitlines()
                                                      if line.startswith(("Prompt:", "Completion:"))]
+
+
+def test_torchrun_chat_refuses_more_than_one_group(checkpoints):  # each group ran its own chat on the one stdin
+    chat = run_cli("--model", checkpoints["gqa2-untied"], "--device", "cpu", "--chat", torchrun=2)
+    assert chat.returncode != 0 and "world size 2 must be tensor_parallel_size 1 x N (N = 1 for a chat)" in chat.stderr
+    assert "Chat with the model" not in chat.stdout
 
 
 # ---------------------------------------------------------------- streaming, chat, resumable jobs
