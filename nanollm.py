@@ -1452,7 +1452,7 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
         # workers waiting for a command get "exit"; mid-step (error, Ctrl-C) they may be in a collective: terminated
         abrupt = abrupt or failure is not None
         if self.runner is not None and self.runner.tp.size > 1 and not abrupt:
-            self.runner.call("exit")
+            self.call("exit")  # a dead worker: its error is raised, after the clean-up
         workers, self.workers = self.workers, []  # a second exit() finds none
         self.runner = self.pending = None
         self.abort(*self.requests)  # so a later step() has nothing to run
@@ -1510,7 +1510,7 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
         # the blocks it needs at its longest (- 1: nothing is computed from the last token)
         if (need := cdiv(longest - 1, self.config.kvcache_block_size)) > self.num_kvcache_blocks:
             raise ValueError(f"could never run: {need} KV-cache blocks needed, the cache has {self.num_kvcache_blocks}")
-        return Sequence(next(self.request_ids), token_ids, params)
+        return Sequence(next(self.request_ids), token_ids, replace(params))  # a copy: the caller may reuse theirs
 
     def add_request(self, prompt, sampling_params=None):
         return self.enqueue(self.make_sequence(prompt, sampling_params or SamplingParams()))
@@ -1573,8 +1573,8 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
             if seq.placeholder is not None:
                 self.scheduler.finish(seq, tokens[-1 - seq.placeholder])
                 done.append(seq)
-                if seq.is_finished:
-                    self.requests.pop(seq.request_id, None)
+            if seq.is_finished:  # also where a Ctrl-C came between finish() and here in the last try
+                self.requests.pop(seq.request_id, None)
         self.pending = None  # only now: after a Ctrl-C above, the next resolve() picks up where this one stopped
         return done
 
@@ -1602,7 +1602,7 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
         try:
             for seq in seqs:
                 self.enqueue(seq)
-            while unfinished:
+            while unfinished and not self.is_finished():  # or they were aborted outside its steps (a callback)
                 t, before = time.perf_counter(), (self.stats["prefill_tokens"], self.stats["decode_tokens"])
                 for seq in self.step():
                     if seq.is_finished and seq.request_id in unfinished:

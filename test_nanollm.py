@@ -939,6 +939,55 @@ def test_exit_ends_every_request(checkpoints):
     assert llm.is_finished() and not llm.requests
 
 
+def test_a_request_keeps_the_params_it_was_given(checkpoints):  # it kept the caller's object, changes and all
+    llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
+    params, seqs = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True), []
+    for seed in range(3):  # one object, reused for each request
+        params.seed = seed
+        seqs.append(llm.requests[llm.add_request([1, 2, 3], params)])
+    params.max_tokens = 1
+    while not llm.is_finished():
+        llm.step()
+    alone = [llm.generate([[1, 2, 3]], replace(params, seed=seed, max_tokens=8), use_tqdm=False)[0]["token_ids"]
+             for seed in range(3)]
+    assert [seq.completion_token_ids for seq in seqs] == alone and len(set(map(tuple, alone))) == 3
+
+
+def test_a_ctrl_c_as_a_request_finishes_leaves_it_in_no_list(checkpoints):  # is_finished() stayed False for ever
+    llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64)
+    finish = llm.scheduler.finish
+
+    def interrupted(seq, token):  # a Ctrl-C as finish() returns the request's last token
+        finish(seq, token)
+        if seq.is_finished:
+            llm.scheduler.finish = finish
+            raise KeyboardInterrupt
+    llm.scheduler.finish = interrupted
+    llm.add_request([1, 2, 3], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    with pytest.raises(KeyboardInterrupt):
+        while not llm.is_finished():
+            llm.step()
+    llm.step()  # the step loop goes on: the interrupted read-back is picked up where it stopped
+    assert llm.is_finished() and not llm.requests
+    assert_all_blocks_free(llm)
+
+
+def test_run_ends_when_its_requests_are_aborted_outside_its_steps(checkpoints):  # it stepped on for ever
+    llm = LLM(checkpoints["gqa2-untied"], kvcache_block_size=16, num_kvcache_blocks=64, max_num_seqs=1)  # one by one
+    seqs = [llm.make_sequence([1, 2, 3], replace(GREEDY, max_tokens=n)) for n in (2, 40)]
+    step, steps = llm.step, []
+
+    def counted():
+        steps.append(1)
+        assert len(steps) < 100, "run() stepped on with nothing left to run"
+        return step()
+    llm.step = counted
+    llm.run(seqs, use_tqdm=False, on_finish=lambda seq: llm.abort(*llm.requests))  # the first aborts the waiting one
+    assert [seq.finish_reason for seq in seqs] == ["length", "abort"]
+    llm.step = step
+    assert_all_blocks_free(llm)
+
+
 def test_cli_demo_runs_offline(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the demo checkpoint goes where pytest cleans up
     nanollm.main(["--max-tokens", "5", "--temperature", "0", "--prompt", "hi", "--chat"])
@@ -1496,14 +1545,15 @@ def test_worker_error_ends_every_process(checkpoints):
         llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)
 
 
-def test_a_killed_worker_is_reported(checkpoints):
+@pytest.mark.parametrize("then", ["generate", "exit"])  # exit() raised gloo's error and cleaned up nothing
+def test_a_killed_worker_is_reported(checkpoints, then):
     llm = LLM(checkpoints["gqa2-untied"], device="cpu", tensor_parallel_size=2, kvcache_block_size=16,
               num_kvcache_blocks=64, dist_timeout_s=60)
     workers = list(llm.workers)
     os.kill(workers[0].pid, 9)  # no traceback: rank 0's next collective fails, and the exit code says why
     workers[0].join()
     with pytest.raises(RuntimeError, match="rank 1 ended with exit code -9"):
-        llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)
+        llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False) if then == "generate" else llm.exit()
     assert not multiprocessing.active_children() and not torch.distributed.is_initialized()
 
 
