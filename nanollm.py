@@ -1437,9 +1437,8 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
             self.exit(e)
         self.num_kvcache_blocks = self.runner.num_kvcache_blocks
         eos_token_ids = config.hf.eos_token_ids or tuple({self.tokenizer.eos_token_id} - {None})  # may have none
-        # counters since start; prefill_tokens and decode_tokens count the tokens computed in each kind of step
-        # (with a sequence that stopped while already in the next step's batch: that row is counted too); the
-        # scheduler counts preemptions and cached_prompt_tokens (prompt tokens the prefix cache served)
+        # counters since start: prefill_tokens and decode_tokens, the tokens computed by each kind of step (a row whose
+        # sequence stopped while in the next step's batch too); the scheduler's preemptions and cached_prompt_tokens
         self.stats = dict(prompt_tokens=0, cached_prompt_tokens=0, prefill_tokens=0, decode_tokens=0,
                           preemptions=0, steps=0)
         self.scheduler = Scheduler(config, self.num_kvcache_blocks, eos_token_ids, self.stats)
@@ -1483,6 +1482,7 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
             self.exit(e)
 
     def collective_rpc(self, fn, *args):  # fn(runner, *args) on every rank (inspect or swap weights) -> results by rank
+        self.scheduler.block_manager.hash_to_block.clear()  # fn may change the weights: no cached prefix is reused
         return self.call("rpc", fn, args)
 
     # ---- requests

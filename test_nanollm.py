@@ -988,6 +988,20 @@ def test_run_ends_when_its_requests_are_aborted_outside_its_steps(checkpoints): 
     assert_all_blocks_free(llm)
 
 
+def load_weights_of(runner, path):  # for collective_rpc: another checkpoint's weights, of the same shapes
+    runner.model.load_weights(path, runner.config.hf.tie_word_embeddings)
+
+
+def test_weights_swapped_by_collective_rpc_get_no_stale_prefix_from_the_cache(checkpoints, tmp_path):
+    other = build_random_checkpoint(str(tmp_path / "other"), seed=1, **CHECKPOINTS["gqa2-untied"])
+    prompt, engine = list(range(1, 41)), dict(kvcache_block_size=16, num_kvcache_blocks=64)  # 2 blocks to cache
+    llm = LLM(checkpoints["gqa2-untied"], **engine)
+    llm.generate([prompt], GREEDY, use_tqdm=False)
+    llm.collective_rpc(load_weights_of, other)
+    swapped = llm.generate([prompt], GREEDY, use_tqdm=False)[0]["token_ids"]  # the old weights' keys were served
+    assert swapped == LLM(other, **engine).generate([prompt], GREEDY, use_tqdm=False)[0]["token_ids"]
+
+
 def test_cli_demo_runs_offline(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the demo checkpoint goes where pytest cleans up
     nanollm.main(["--max-tokens", "5", "--temperature", "0", "--prompt", "hi", "--chat"])
