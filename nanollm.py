@@ -169,7 +169,7 @@ class SamplingParams:
         for name, ok, rule in [
                 ("temperature", lambda t: isinstance(t, Real) and 0 <= t <= 1e38, "a number, 0 to 1e38"),
                 ("top_p", lambda p: isinstance(p, Real) and 0 < p <= 1, "a number in (0, 1]"),
-                ("top_k", lambda k: is_int(k, -1) and k != 0, "-1 or an int > 0"),
+                ("top_k", lambda k: is_int(k, -1), "an int: -1 or 0 for all tokens (as in HF and vLLM)"),
                 ("max_tokens", lambda n: is_int(n, 1), "an int >= 1"),
                 ("seed", lambda s: s is None or is_int(s), "an int or None"),
                 ("stop_token_ids", lambda ids: ids is None or (isinstance(ids, (list, tuple)) and all(

@@ -383,6 +383,8 @@ def test_top_k_1_equals_greedy_and_seeds_repeat(checkpoints):
     a = llm.generate([prompts[0]] * 3, seeded, use_tqdm=False)
     b = llm.generate([prompts[0]] * 3, seeded, use_tqdm=False)
     assert a == b and a[0] == a[1] and a[0] != a[2]
+    # top_k 0 keeps every token, as -1 does (HF's and vLLM's meaning; it was refused)
+    assert llm.generate([prompts[0]] * 3, [replace(p, top_k=0) for p in seeded], use_tqdm=False) == a
 
 
 def reference_probs(logits, temperature, top_k, top_p):
@@ -581,7 +583,7 @@ def test_config_limits_and_fallbacks(checkpoints, tmp_path):
     ("temperature", 1e39), ("temperature", float("inf")),  # inf in fp32: with filters, -inf / inf made NaN logits
     ("max_tokens", 0), ("max_tokens", 2.5),  # 2.5 would never equal a length: the request would run to max_model_len
     ("top_p", 0), ("top_p", 1.5), ("top_p", float("nan")),
-    ("top_k", 0), ("top_k", -2), ("top_k", 2.5), ("top_k", 20.0),  # torch.topk takes ints only: mid-step, it failed
+    ("top_k", -2), ("top_k", 2.5), ("top_k", 20.0),  # torch.topk takes ints only: mid-step, it failed
     ("top_k", -1.0),  # -1 the int only, as every other top_k
     ("seed", "7"), ("seed", 1.5), ("seed", True), ("ignore_eos", "false"), ("max_tokens", True),
     ("stop_token_ids", ["</s>"]), ("stop_token_ids", [2.5]), ("stop_token_ids", [-1]),  # "</s>" would never stop one
