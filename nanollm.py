@@ -92,9 +92,8 @@ def load_model_config(path):  # config.json as a namespace under HF's names, plu
     if experts and not (c.setdefault("decoder_sparse_step", 1) > 0 and 0 < top_k <= experts):
         raise ValueError(f"unsupported: MoE config: {top_k} of {experts} experts per token, decoder_sparse_step "
                          f"{c['decoder_sparse_step']} (supported: 1 <= num_experts_per_tok <= num_experts, step >= 1)")
-    eos = c.get("eos_token_id")
-    if Path(path, "generation_config.json").is_file():  # its eos ids win (Llama 3 lists several there)
-        eos = json.loads(Path(path, "generation_config.json").read_text()).get("eos_token_id", eos)
+    generation = Path(path, "generation_config.json")  # its eos ids win (Llama 3 lists several there)
+    eos = {**c, **(json.loads(generation.read_text()) if generation.is_file() else {})}.get("eos_token_id")
     defaults = dict(num_key_value_heads=c["num_attention_heads"], head_dim=c["hidden_size"] // c["num_attention_heads"],
                     rms_norm_eps=1e-6, max_position_embeddings=40960, tie_word_embeddings=False, attention_bias=False,
                     mlp_bias=False, norm_topk_prob=False, mlp_only_layers=[], moe_intermediate_size=768)
@@ -392,7 +391,7 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(q_size, cfg.hidden_size, tp, cfg.attention_bias)  # attention_bias: q, k, v, o
         # Qwen3's per-head q/k norms (not in Qwen2, Llama): paged_attention fuses them with RoPE and the cache write
         self.q_norm, self.k_norm = (RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None for _ in range(2))
-        self.k_cache = self.v_cache = torch.tensor([])  # bound to this layer's slices of the engine's cache later
+        # self.k_cache and self.v_cache: this layer's slices of the engine's KV cache, bound by allocate_kv_cache()
 
     def forward(self, positions, x, residual, norm, cos_sin, meta):  # -> (output, x + residual)
         qkv, residual = self.qkv_proj(x, norm, residual)  # this rank's heads
@@ -1641,8 +1640,7 @@ class LLM(AbstractContextManager):  # `with LLM(...) as llm:` ends the engine (a
 
 
 # -----------------------------------------------------------------------------
-# A tiny random-weight checkpoint (Qwen3, or any HF architecture) with its own tokenizer: the offline demo, and the
-# checkpoints tests and bench.py use
+# A tiny random-weight checkpoint (Qwen3, or any HF architecture) with its own tokenizer: the demo, tests, bench.py
 
 def build_random_checkpoint(path, seed=0, dtype=torch.float32, architecture="Qwen3ForCausalLM", **config):
     import transformers
@@ -1759,6 +1757,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if bool(args.input) != bool(args.output) or (args.input and (args.chat or args.prompt)):
         p.error("--input and --output go together, without --chat or --prompt")
+    if args.input and (not os.path.exists(args.input) or os.path.realpath(args.input) == os.path.realpath(args.output)):
+        p.error(f"--input {args.input!r} does not exist, or is the --output file too")  # a pipe exists too
     engine_args = {f.name: getattr(args, f.name) for f in fields(Config)[1:]}  # all but model
     params = SamplingParams(**{k: getattr(args, k) for k in JOB_SAMPLING_FIELDS})
     if args.model is None:

@@ -1017,6 +1017,16 @@ def test_cli_input_and_output_go_together(tmp_path, capsys, flag):
     assert "--input and --output go together" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("output", ["out.jsonl", "./in.jsonl"])  # the input missing; the input as the output too
+def test_cli_job_files_are_checked_before_the_model_loads(tmp_path, capsys, monkeypatch, output):
+    monkeypatch.chdir(tmp_path)
+    if output == "./in.jsonl":  # every input line would have counted as done, and nothing run
+        Path("in.jsonl").write_text('{"id": 1, "prompt": "hi"}\n')
+    with pytest.raises(SystemExit):  # not the missing model's FileNotFoundError: the files are checked first
+        nanollm.main(["--model", "no-such-model", "--input", "in.jsonl", "--output", output])
+    assert "--input 'in.jsonl' does not exist, or is the --output file too" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flags", [["--chat"], ["--prompt", "hi"]])
 def test_cli_prompts_do_not_apply_to_a_job(tmp_path, capsys, flags):  # a job line says it: "messages" or "prompt"
     with pytest.raises(SystemExit):  # the prompt was ignored without a word
@@ -1680,12 +1690,13 @@ def test_parallel_config_errors(checkpoints, tmp_path):
         LLM(checkpoints["gqa2-untied"], device="cpu", tensor_parallel_size=2, dist_timeout_s=0)
 
 
-def run_cli(*args, torchrun=0, timeout=300):
+def run_cli(*args, torchrun=0, timeout=300, stdin_text=None):  # stdin: the text, or nothing (not the tests')
     import subprocess
     import sys
     launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={torchrun}"] if torchrun else [])
+    stdin = dict(stdin=subprocess.DEVNULL) if stdin_text is None else dict(input=stdin_text)
     return subprocess.run(launcher + [nanollm.__file__, *args], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"), **stdin)
 
 
 def test_torchrun_data_parallel_equals_one_process(checkpoints):
@@ -1917,12 +1928,13 @@ def test_job_takes_its_shard_and_ends_a_line_cut_short(checkpoints, tmp_path):
     assert sorted(json.loads(line)["id"] for line in lines[2:]) == [0, 1, 2, 3, 4]
 
 
-def test_job_output_to_a_pipe(checkpoints, tmp_path):  # --output /dev/stdout | ...: reading it for done ids hung
-    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"id": i, "prompt": f"q {i}"}) + "\n" for i in range(3)))
+def test_job_through_pipes(checkpoints):  # ... | --input /dev/stdin --output /dev/stdout | ...
+    # reading the output for done ids hung; the input must pass the check that it exists (as with <(zcat job.gz))
     engine = dict(kvcache_block_size=16, num_kvcache_blocks=64)
     piped = run_cli("--model", checkpoints["gqa2-untied"], "--device", "cpu", "--temperature", "0", "--ignore-eos",
                     "--max-tokens", "12", "--kvcache-block-size", "16", "--num-kvcache-blocks", "64",
-                    "--input", str(tmp_path / "in.jsonl"), "--output", "/dev/stdout", timeout=120)  # stdout: a pipe
+                    "--input", "/dev/stdin", "--output", "/dev/stdout", timeout=120,
+                    stdin_text="".join(json.dumps({"id": i, "prompt": f"q {i}"}) + "\n" for i in range(3)))
     assert piped.returncode == 0, piped.stderr[-2000:]
     assert "0 results already there, 3 to go" in piped.stderr
     results = sorted((json.loads(line) for line in piped.stdout.splitlines()), key=lambda r: r["id"])
